@@ -1,0 +1,1 @@
+"""Monolith: recommendation-model training pieces for TensorFlow's TPUEstimator."""

@@ -1,0 +1,43 @@
+"""Test-session setup: selects the TensorFlow graph behaviour under test.
+
+`MONOLITH_TF_BEHAVIOR=v1` (or `pytest --tf-behavior=v1`) runs the whole suite
+after `tf.compat.v1.disable_v2_behavior()`; the default is TF2 behaviour.
+"""
+
+import os
+
+import pytest
+
+_BEHAVIORS = ("v2", "v1")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--tf-behavior",
+        choices=_BEHAVIORS,
+        default=os.environ.get("MONOLITH_TF_BEHAVIOR", "v2"),
+        help="TensorFlow behaviour: v2 (default) or v1 (disable_v2_behavior).",
+    )
+
+
+def pytest_configure(config):
+    behavior = config.getoption("--tf-behavior")
+    if behavior not in _BEHAVIORS:
+        raise pytest.UsageError(f"MONOLITH_TF_BEHAVIOR={behavior!r} is not one of {_BEHAVIORS}")
+    os.environ["MONOLITH_TF_BEHAVIOR"] = behavior
+    import tensorflow as tf
+
+    if behavior == "v1":
+        tf.compat.v1.disable_v2_behavior()
+
+
+def pytest_report_header(config):
+    import tensorflow as tf
+
+    return f"tensorflow {tf.__version__}, behaviour {config.getoption('--tf-behavior')}"
+
+
+@pytest.fixture
+def tf_behavior(pytestconfig):
+    """'v2' or 'v1': the TensorFlow behaviour this session runs under."""
+    return pytestconfig.getoption("--tf-behavior")
