@@ -1,5 +1,7 @@
 """monolith.core: end-of-stream TPUEstimator training pieces for today's TensorFlow."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 setup(
@@ -9,7 +11,7 @@ setup(
         "Drop-in TPUEstimator infeed/outfeed hook with end-of-stream handling and "
         "embedding-model host calls, for TensorFlow 2.12-2.15."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["monolith", "monolith.*"]),
     python_requires=">=3.9,<3.12",
@@ -24,6 +26,5 @@ setup(
         "Programming Language :: Python :: 3.9",
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",
-        "License :: OSI Approved :: Apache Software License",
     ],
 )
