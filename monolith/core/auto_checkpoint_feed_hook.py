@@ -1,0 +1,592 @@
+"""TPU infeed/outfeed session hook that ends training at the end of a finite stream.
+
+Set `TPUConfig(experimental_feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)`
+and append a bool feature named `_USER_PROVIDED_SIGNAL_NAME` to the input
+(False on real batches, then an endless tail of padding batches with True).
+TPUEstimator then:
+
+1. calls `get_stopping_signals_and_name(features)` inside its TPU train step
+   and sends the returned `{"stopping": ...}` through the outfeed;
+2. constructs this hook with the arguments of its stock
+   `TPUInfeedOutfeedSessionHook` (this class is a drop-in for it).
+
+Which method runs what, on which thread:
+
+* `begin()` (graph building): gets/creates the `iterations_per_loop` variable,
+  the TPU shutdown op and the summary-writer initializers and flushes.
+* `after_create_session()` (training thread): initialises the TPU system in a
+  fresh graph, runs the init ops, optionally compiles, then starts two daemon
+  threads: "InfeedController" runs `enqueue_ops`, "OutfeedController" runs
+  `dequeue_ops` and watches for the stopping signal.
+* `before_run()` (training thread, once per `session.run(train_op)`, i.e. per
+  loop of `iterations_per_loop` steps): waits until the outfeed thread has
+  finished the previous loop, raises a feed thread's recorded error, raises
+  `tf.errors.OutOfRangeError` once the stopping signal was seen (MonitoredSession
+  treats that as a normal end, so every hook's `end()` runs and
+  `CheckpointSaverHook` writes the final checkpoint), else hands the next loop
+  size to both threads.
+* `end()` (training thread): joins both threads with a bounded wait, marks them
+  done in the rendezvous, flushes summary writers and shuts the TPU down.
+
+Stop latency: because `before_run` waits for the outfeed thread, training stops
+after the loop that held the first padding batch: at most `iterations_per_loop`
+padding steps, exactly the rest of that loop. (With
+`outfeed_every_n_steps=n > 1` the signal is only seen on outfed steps, so up to
+`n - 1` further padding steps can be needed before one is outfed.)
+
+Errors: feed threads report through an `ErrorRendezvous` (TPUEstimator passes
+its own and calls `raise_errors()` after training). With `rendezvous=None` the
+hook owns one: `before_run()` and `end()` then re-raise a recorded feed-thread
+error themselves, and after a training run that raised, `hook.rendezvous.raise_errors()`
+gives the root cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tensorflow.core.protobuf.tpu import compilation_result_pb2 as tpu_compilation_result
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import summary_ops_v2
+from tensorflow.python.tpu import session_support
+from tensorflow_estimator.python.estimator.tpu import error_handling, tpu_config
+
+from monolith.core._feed_controllers import (
+    _SIGNAL,
+    PeriodicLogger,
+    _OpQueueContext,
+    _OpSignalOnceQueueContext,
+    format_thread_stack,
+)
+
+try:  # TF >= 2.13
+    from tensorflow.python.tpu.tpu_replication import TPUReplicateContext
+except ImportError:  # TF 2.12
+    from tensorflow.python.tpu.tpu import TPUReplicateContext
+
+__all__ = [
+    "PeriodicLogger",
+    "TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook",
+    "_ITERATIONS_PER_LOOP_VAR",
+    "_OpQueueContext",
+    "_OpSignalOnceQueueContext",
+    "_SIGNAL",
+    "_TPU_ESTIMATOR",
+    "_USER_PROVIDED_SIGNAL_NAME",
+]
+
+_USER_PROVIDED_SIGNAL_NAME = "_user_provided_signal_name"
+_TPU_ESTIMATOR = "tpu_estimator"
+_ITERATIONS_PER_LOOP_VAR = "iterations_per_loop"
+
+_STOPPING_KEY = "stopping"
+_INIT_OPS_TIMEOUT_MS = 30 * 60 * 1000
+_DEFAULT_JOIN_TIMEOUT_SECS = 300.0
+# How often the training thread re-checks feed-thread liveness while waiting.
+_WAIT_POLL_SECS = 0.1
+_SPLIT_COMPILE_ENV = "TPU_SPLIT_COMPILE_AND_EXECUTE"
+_WATCHDOG_ENV = "TF_TPU_WATCHDOG_TIMEOUT"
+
+
+def _in_tpu_replicate_context() -> bool:
+    """True when graph building happens inside a TPU replicate computation.
+
+    TPUEstimator builds the train step inside while-loop bodies, which are
+    separate FuncGraphs in TF2 behaviour, so the control-flow contexts of every
+    enclosing graph are searched, not only the current one.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None:
+        context = graph._get_control_flow_context()
+        while context is not None:
+            if isinstance(context, TPUReplicateContext):
+                return True
+            context = context.outer_context
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def _stopping_value(ret: Any) -> Optional[bool]:
+    """The stop flag in one outfeed result, or None when it carries no signal.
+
+    `ret[_USER_PROVIDED_SIGNAL_NAME]["stopping"]` is a bool array (TPUEstimator
+    concatenates the per-replica outfeeds); the stream has ended when any
+    element is True. Well-formed inputs pad whole batches, so this equals the
+    original's check of element 0.
+
+    Raises:
+      RuntimeError: The signal entry is not a dict with key 'stopping'.
+    """
+    if not isinstance(ret, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in ret:
+        return None
+    signal = ret[_USER_PROVIDED_SIGNAL_NAME]
+    if not isinstance(signal, Mapping) or _STOPPING_KEY not in signal:
+        found = sorted(signal) if isinstance(signal, Mapping) else type(signal).__name__
+        raise RuntimeError(
+            f"ret[{_USER_PROVIDED_SIGNAL_NAME!r}] must contain key {_STOPPING_KEY!r}; "
+            f"got {found!r}."
+        )
+    return bool(np.any(signal[_STOPPING_KEY]))
+
+
+def _watchdog_timeout_from_env() -> int:
+    """Seconds from TF_TPU_WATCHDOG_TIMEOUT (0 disables the worker watchdog)."""
+    raw = os.environ.get(_WATCHDOG_ENV, "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{_WATCHDOG_ENV}={raw!r} is not an integer number of seconds.") from None
+
+
+class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.SessionRunHook):
+    """Initialises/shuts down the TPU, runs infeed and outfeed threads, stops at end of stream.
+
+    Args:
+      ctx: TPUEstimator's `_InternalTPUContext` (reads `master_job`,
+        `embedding_config`, `model_parallelism_enabled`,
+        `config.tpu_config.initial_infeed_sleep_secs` and
+        `config.tpu_config.per_host_input_for_training`).
+      enqueue_ops: Ops the infeed thread runs (once per step, or once per loop
+        when `run_infeed_loop_on_coordinator` is False).
+      dequeue_ops: Ops the outfeed thread runs every `outfeed_every_n_steps`
+        steps; a dict that may hold `{_USER_PROVIDED_SIGNAL_NAME: {"stopping": ...}}`
+        besides host-call results.
+      tpu_compile_op: Run and checked when TPU_SPLIT_COMPILE_AND_EXECUTE=1.
+      run_infeed_loop_on_coordinator: Whether the host loops over the steps.
+      rendezvous: An `ErrorRendezvous` collecting feed-thread errors; None
+        creates one owned by the hook (see the module docstring).
+      master: Target for the TPU-initialisation session.
+      session_config: Config for the TPU-initialisation session.
+      tpu_init_ops: Extra ops run after session creation (before the threads).
+      outfeed_every_n_steps: Outfeed cadence within a loop (positive int).
+      join_timeout_secs: Keyword-only. How long `end()` waits for each feed
+        thread before logging its stack and shutting down without it.
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        enqueue_ops: Any,
+        dequeue_ops: Any,
+        tpu_compile_op: Any,
+        run_infeed_loop_on_coordinator: bool = True,
+        rendezvous: Optional[error_handling.ErrorRendezvous] = None,
+        master: Optional[str] = None,
+        session_config: Optional[tf.compat.v1.ConfigProto] = None,
+        tpu_init_ops: Optional[Sequence[Any]] = None,
+        outfeed_every_n_steps: int = 1,
+        *,
+        join_timeout_secs: float = _DEFAULT_JOIN_TIMEOUT_SECS,
+    ):
+        if isinstance(outfeed_every_n_steps, bool) or not isinstance(outfeed_every_n_steps, int):
+            raise TypeError(f"outfeed_every_n_steps={outfeed_every_n_steps!r} must be an int.")
+        if outfeed_every_n_steps < 1:
+            raise ValueError(f"outfeed_every_n_steps={outfeed_every_n_steps!r} must be >= 1.")
+        if not join_timeout_secs or join_timeout_secs <= 0:
+            raise ValueError(f"join_timeout_secs={join_timeout_secs!r} must be a positive number.")
+
+        self._master_job = ctx.master_job
+        self._enqueue_ops = enqueue_ops
+        self._dequeue_ops = dequeue_ops
+        self._owns_rendezvous = rendezvous is None
+        if rendezvous is None:
+            rendezvous = error_handling.ErrorRendezvous(num_sources=2)
+        self._rendezvous = rendezvous
+        self._master = master
+        self._session_config = session_config
+        self._tpu_init_ops = list(tpu_init_ops or [])
+        self._init_ops = list(self._tpu_init_ops)
+        if ctx.embedding_config is None:
+            self._embedding_layer_config = None
+        else:
+            self._embedding_layer_config = ctx.embedding_config.tpu_embedding.config_proto
+        self._run_infeed_loop_on_coordinator = run_infeed_loop_on_coordinator
+        self._initial_infeed_sleep_secs = ctx.config.tpu_config.initial_infeed_sleep_secs
+        self._tpu_compile_op = tpu_compile_op
+        # With model parallelism the TPU was initialised at startup to fetch the
+        # mesh; re-initialising would corrupt variables placed on it.
+        self._should_initialize_tpu = not (
+            ctx.model_parallelism_enabled
+            and ctx.config.tpu_config.per_host_input_for_training
+            is tpu_config.InputPipelineConfig.BROADCAST
+        )
+        self._outfeed_every_n_steps = outfeed_every_n_steps
+        self._join_timeout_secs = float(join_timeout_secs)
+
+        # Only when the outfeed carries the signal does before_run wait for it.
+        self._expects_stopping_signal = (
+            isinstance(dequeue_ops, Mapping) and _USER_PROVIDED_SIGNAL_NAME in dequeue_ops
+        )
+        self._stopping_event = threading.Event()
+        self._state_lock = threading.Lock()
+        self._failed_sources: set = set()
+        self._coord: Any = None
+        self._loops_sent = 0
+        self._infeed_controller: Any = None
+        self._outfeed_controller: Any = None
+        self._finalize_ops: list = []
+        self.stopping_signal = False
+
+    # -- public state ---------------------------------------------------------
+
+    @property
+    def stopping_signal(self) -> bool:
+        """True once the outfeed thread has seen the end of the stream.
+
+        Written by the outfeed thread, read by `before_run` on the training
+        thread; backed by a `threading.Event`, so it is safe without the GIL.
+        """
+        return self._stopping_event.is_set()
+
+    @stopping_signal.setter
+    def stopping_signal(self, value: bool) -> None:
+        if value:
+            self._stopping_event.set()
+        else:
+            self._stopping_event.clear()
+
+    @property
+    def rendezvous(self) -> error_handling.ErrorRendezvous:
+        """The `ErrorRendezvous` feed-thread errors are recorded in."""
+        return self._rendezvous
+
+    # -- graph building -------------------------------------------------------
+
+    def _create_or_get_iterations_per_loop(self) -> tf.Variable:
+        """Creates or gets TPUEstimator's `iterations_per_loop` variable.
+
+        TPUEstimator wraps the model_fn in a `tf.while_loop` of this many steps
+        per `session.run`; the variable (not a constant) lets the step hook
+        shorten the last loop to hit the requested number of steps. It is the
+        same variable TPUEstimator creates (name `tpu_estimator/iterations_per_loop`,
+        collection `tpu_estimator_iterations_per_loop`), so whichever side
+        creates it first, the other reuses it.
+
+        Returns:
+          The int32 scalar, non-trainable, local resource variable.
+
+        Raises:
+          RuntimeError: The collection holds more than one variable.
+        """
+        graph = tf.compat.v1.get_default_graph()
+        collection_name = f"{_TPU_ESTIMATOR}_{_ITERATIONS_PER_LOOP_VAR}"
+        iter_vars = graph.get_collection(collection_name)
+        if len(iter_vars) == 1:
+            return iter_vars[0]
+        if len(iter_vars) > 1:
+            raise RuntimeError(
+                f"Multiple iterations_per_loop_var in collection {collection_name!r}: "
+                f"{[v.name for v in iter_vars]}."
+            )
+        global_step = tf.compat.v1.train.get_global_step()
+        colocation = (
+            ops.colocate_with(global_step) if global_step is not None else contextlib.nullcontext()
+        )
+        with colocation, tf.compat.v1.variable_scope(_TPU_ESTIMATOR, reuse=tf.compat.v1.AUTO_REUSE):
+            return tf.compat.v1.get_variable(
+                _ITERATIONS_PER_LOOP_VAR,
+                initializer=tf.compat.v1.initializers.zeros(),
+                shape=[],
+                dtype=tf.dtypes.int32,
+                trainable=False,
+                collections=[collection_name, tf.compat.v1.GraphKeys.LOCAL_VARIABLES],
+                use_resource=True,
+            )
+
+    def begin(self) -> None:
+        """Creates the loop-size variable, TPU shutdown and summary flush ops."""
+        logging.info("TPU job name %s", self._master_job)
+        self._iterations_per_loop_var = self._create_or_get_iterations_per_loop()
+        if self._should_initialize_tpu:
+            self._finalize_ops = [tf.compat.v1.tpu.shutdown_system(job=self._master_job)]
+        else:
+            self._finalize_ops = []
+        writer_init_ops = summary_ops_v2.summary_writer_initializer_op()
+        self._init_ops = self._tpu_init_ops + list(writer_init_ops)
+        # The writers' resources are the initializers' inputs: flush each at end.
+        for op in writer_init_ops:
+            self._finalize_ops.append(summary_ops_v2.legacy_raw_flush(writer=op.inputs[0]))
+
+    # -- feed threads ---------------------------------------------------------
+
+    def _coordinator_stopped(self) -> bool:
+        coord = self._coord
+        return coord is not None and coord.should_stop()
+
+    @contextlib.contextmanager
+    def _catch_feed_errors(self, source: str, session: Any) -> Iterator[None]:
+        """Records a feed thread's error in the rendezvous (runs on that thread).
+
+        An error raised after the coordinator was asked to stop is a consequence
+        of the shutdown (closed or cancelled session), not a root cause: it is
+        logged and not recorded, so it cannot hide the error that stopped training.
+        """
+        try:
+            yield
+        except Exception:
+            exc_info = sys.exc_info()
+            if self._coordinator_stopped():
+                logging.warning(
+                    "%s thread stopped by an error during shutdown (not recorded): %s",
+                    source,
+                    exc_info[1],
+                )
+                return
+            logging.error("%s thread failed: %r", source, exc_info[1])
+            with self._state_lock:
+                self._failed_sources.add(source)
+            self._rendezvous.record_error(source, exc_info, session)
+
+    def _run_infeed(self, queue_ctx: Any, session: Any) -> None:
+        """Infeed thread body: runs `enqueue_ops` for each loop it is sent."""
+        logging.info("Starting infeed thread controller.")
+        if self._initial_infeed_sleep_secs:
+            logging.info("Infeed thread sleeping for %d seconds.", self._initial_infeed_sleep_secs)
+            time.sleep(self._initial_infeed_sleep_secs)
+            logging.info("Infeed thread starting after sleep")
+        with self._catch_feed_errors("infeed", session):
+            if self._run_infeed_loop_on_coordinator:
+                for count, steps in enumerate(queue_ctx.read_iteration_counts()):
+                    for i in range(steps):
+                        if self._coordinator_stopped():
+                            logging.info("Infeed thread: coordinator stopped, shutting down.")
+                            return
+                        logging.debug("Infeed enqueue for iteration (%d, %d)", count, i)
+                        session.run(self._enqueue_ops)
+            else:
+                for _ in queue_ctx.read_iteration_counts():
+                    session.run(self._enqueue_ops)
+            logging.info("Infeed thread finished, shutting down.")
+
+    def _run_outfeed(self, queue_ctx: Any, session: Any) -> None:
+        """Outfeed thread body: runs `dequeue_ops`, watches for the stopping signal.
+
+        The flag is set after the whole loop was dequeued and before the thread
+        asks for the next loop size, which is what `before_run` waits for.
+        """
+        logging.info("Starting outfeed thread controller.")
+        status_logger = PeriodicLogger(seconds=60)
+        with self._catch_feed_errors("outfeed", session):
+            seen_stop = False
+            for count, steps in enumerate(queue_ctx.read_iteration_counts()):
+                for i in range(steps):
+                    if i % self._outfeed_every_n_steps != 0:
+                        continue
+                    if self._coordinator_stopped():
+                        logging.info("Outfeed thread: coordinator stopped, shutting down.")
+                        return
+                    logging.debug("Outfeed dequeue for iteration (%d, %d)", count, i)
+                    stop = _stopping_value(session.run(self._dequeue_ops))
+                    if stop and not seen_stop:
+                        seen_stop = True
+                        logging.info("Encountered stop signal at iteration (%d, %d).", count, i)
+                    status_logger.log("Outfeed finished for iteration (%d, %d)", count, i)
+                if seen_stop and not self.stopping_signal:
+                    logging.info("Set shared stop signal after loop %d.", count)
+                    self.stopping_signal = True
+            logging.info("Outfeed thread finished, shutting down.")
+
+    def _create_infeed_controller(self, name: str, target: Any, args: Sequence[Any]) -> Any:
+        """Factory for the infeed controller (subclasses may return another kind)."""
+        return _OpQueueContext(name=name, target=target, args=args, coord=self._coord)
+
+    def _start_controllers(self, session: Any, coord: Any) -> None:
+        self._infeed_controller = self._create_infeed_controller(
+            name="InfeedController", target=self._run_infeed, args=(session,)
+        )
+        if hasattr(self._infeed_controller, "watch_coordinator"):
+            self._infeed_controller.watch_coordinator(coord)
+        self._outfeed_controller = _OpQueueContext(
+            name="OutfeedController", target=self._run_outfeed, args=(session,), coord=coord
+        )
+
+    def _join_controller(self, controller: Any) -> bool:
+        """Stops and joins one controller for at most `join_timeout_secs`.
+
+        Returns whether the thread finished; a stuck thread's stack is logged.
+        """
+        thread = controller._thread
+        if isinstance(controller, _OpQueueContext):
+            finished = controller.join(timeout=self._join_timeout_secs)
+        else:
+            controller.stop()
+            thread.join(self._join_timeout_secs)
+            finished = not thread.is_alive()
+        if not finished:
+            logging.error(
+                "Feed thread %s did not finish within %.1f s; shutting down without it. "
+                "Its stack:\n%s",
+                thread.name,
+                self._join_timeout_secs,
+                format_thread_stack(thread),
+            )
+        return finished
+
+    def _stop_controllers(self) -> None:
+        for controller in (self._infeed_controller, self._outfeed_controller):
+            if controller is not None:
+                self._join_controller(controller)
+
+    # -- session lifecycle ----------------------------------------------------
+
+    def _assertCompilationSucceeded(self, result: bytes, coord: Any) -> None:
+        """Stops the coordinator when the serialized CompilationResultProto has an error."""
+        proto = tpu_compilation_result.CompilationResultProto()
+        proto.ParseFromString(result)
+        if proto.status_error_message:
+            logging.error("Compilation failed: %s", proto.status_error_message)
+            coord.request_stop()
+        else:
+            logging.info("Compilation succeeded")
+
+    def after_create_session(self, session: Any, coord: Any) -> None:
+        """Initialises the TPU, runs init ops, compiles, starts the feed threads."""
+        self._coord = coord
+        self._loops_sent = 0
+        with self._state_lock:
+            self._failed_sources.clear()
+        # Parse before starting anything, so a bad value leaves no thread behind.
+        watchdog_timeout = _watchdog_timeout_from_env()
+
+        if self._should_initialize_tpu:
+            logging.info("Init TPU system")
+            start = time.time()
+            with (
+                tf.Graph().as_default(),
+                tf.compat.v1.Session(self._master, config=self._session_config) as init_session,
+            ):
+                init_session.run(
+                    tf.compat.v1.tpu.initialize_system(
+                        job=self._master_job, embedding_config=self._embedding_layer_config
+                    )
+                )
+            logging.info("Initialized TPU in %d seconds", time.time() - start)
+
+        session.run(
+            self._init_ops,
+            options=tf.compat.v1.RunOptions(timeout_in_ms=_INIT_OPS_TIMEOUT_MS),
+        )
+
+        if os.environ.get(_SPLIT_COMPILE_ENV, "") == "1":
+            logging.info("Compiling user program: this may take a while...")
+            self._assertCompilationSucceeded(session.run(self._tpu_compile_op), coord)
+
+        try:
+            self._start_controllers(session, coord)
+            # Terminates workers when the coordinator exits.
+            if watchdog_timeout > 0:
+                session_support.start_worker_watchdog(session, shutdown_timeout=watchdog_timeout)
+        except BaseException:
+            self._stop_controllers()
+            raise
+
+    def _feed_failed(self) -> bool:
+        with self._state_lock:
+            return bool(self._failed_sources)
+
+    def _wait_for_outfeed(self, loops: int) -> None:
+        """Blocks until the outfeed thread finished `loops` loops (training thread).
+
+        Returns early, without waiting forever, when the outfeed thread has
+        exited, a feed thread recorded an error or the coordinator stopped.
+        """
+        controller = self._outfeed_controller
+        if not hasattr(controller, "wait_for_finished_loops"):
+            return
+        waiting_logger = PeriodicLogger(seconds=60)
+        while not controller.wait_for_finished_loops(loops, timeout=_WAIT_POLL_SECS):
+            if (
+                not controller.thread.is_alive()
+                or self._feed_failed()
+                or self._coordinator_stopped()
+            ):
+                return
+            waiting_logger.log("Waiting for the outfeed thread to finish loop %d.", loops)
+
+    def _raise_feed_error(self) -> None:
+        with self._state_lock:
+            failed = sorted(self._failed_sources)
+        if not failed:
+            return
+        logging.error("Feed thread(s) %s failed; raising the recorded error.", failed)
+        self._rendezvous.raise_errors()
+        raise RuntimeError(f"Feed thread(s) {failed} failed; see the errors logged above.")
+
+    def before_run(self, run_context: Any) -> None:
+        """Stops at end of stream, else sends the next loop size to both threads."""
+        if self._expects_stopping_signal and self._loops_sent:
+            self._wait_for_outfeed(self._loops_sent)
+        self._raise_feed_error()
+        if self.stopping_signal:
+            logging.info(
+                "Throw OutOfRangeError error due to encountering stopping signal in before_run."
+            )
+            raise tf.errors.OutOfRangeError(None, None, "Stopped by stopping signal.")
+
+        iterations = run_context.session.run(self._iterations_per_loop_var)
+        logging.info("Enqueue next (%d) batch(es) of data to infeed.", iterations)
+        self._infeed_controller.send_next_batch_signal(iterations)
+        logging.info("Dequeue next (%d) batch(es) of data from outfeed.", iterations)
+        self._outfeed_controller.send_next_batch_signal(iterations)
+        self._loops_sent += 1
+
+    def end(self, session: Any) -> None:
+        """Joins the feed threads (bounded), records them done, flushes, shuts down.
+
+        A thread still running after `join_timeout_secs` is logged with its
+        stack and left behind (it is a daemon and ends when the session closes),
+        so the rest of shutdown and the later hooks' `end()` (final checkpoint)
+        still run. With a hook-owned rendezvous a recorded feed error is raised
+        last.
+        """
+        for source, controller in (
+            ("infeed", self._infeed_controller),
+            ("outfeed", self._outfeed_controller),
+        ):
+            logging.info("Stop %s thread controller", source)
+            if controller is not None:
+                self._join_controller(controller)
+            self._rendezvous.record_done(source)
+
+        logging.info("Shutdown TPU system.")
+        session.run(self._finalize_ops)
+        if self._owns_rendezvous:
+            self._rendezvous.raise_errors()
+
+    # -- TPU step side --------------------------------------------------------
+
+    @staticmethod
+    def get_stopping_signals_and_name(features: Any) -> tuple:
+        """Builds the per-step stop flag TPUEstimator sends through the outfeed.
+
+        Called by TPUEstimator inside the TPU train step (and by
+        `monolith.core.testing` inside its emulated loop).
+
+        Args:
+          features: The step's features; a dict holding `_USER_PROVIDED_SIGNAL_NAME`
+            (bool or int, True/1 on padding batches) enables the signal.
+
+        Returns:
+          `(signals, _USER_PROVIDED_SIGNAL_NAME)` where `signals` is None when
+          the features carry no signal, else `{"stopping": bool tensor}`: inside
+          a TPU replicate context the flag summed over replicas (True where any
+          replica is padding), outside one (CPU, one replica) the local flag. A
+          scalar flag is reshaped to `[1]`, as the outfeed needs a leading dim.
+        """
+        if not isinstance(features, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in features:
+            return None, _USER_PROVIDED_SIGNAL_NAME
+        logging.info("Get stopping signals and name.")
+        flag = tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.int32)
+        if flag.shape.ndims == 0:
+            flag = tf.reshape(flag, [1])
+        if _in_tpu_replicate_context():
+            flag = tf.compat.v1.tpu.cross_replica_sum(flag)
+        return {_STOPPING_KEY: flag > 0}, _USER_PROVIDED_SIGNAL_NAME

@@ -1,0 +1,110 @@
+"""Shared pieces of the feed-hook and emulator tests: a padded stream, a counting model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import tensorflow as tf
+from tensorflow_estimator.python.estimator.tpu.tpu_estimator import TPUEstimatorSpec
+
+from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
+
+SIGNAL = _USER_PROVIDED_SIGNAL_NAME
+BATCH = 2
+FEED_THREAD_NAMES = ("InfeedController", "OutfeedController")
+
+
+def padded_stream_fn(num_batches: int, batch: int = BATCH, first_id: int = 1, fail_at=None):
+    """input_fn: `num_batches` real batches of ids, then endless padding batches.
+
+    Real batches hold ids first_id, first_id+1, ... with the signal False;
+    padding batches hold id 0 with the signal True. With `fail_at=k` the
+    pipeline raises InvalidArgumentError on the k-th real element (0-based).
+    """
+
+    def input_fn():
+        ids = tf.data.Dataset.range(first_id, first_id + num_batches * batch)
+        if fail_at is not None:
+            bad = first_id + fail_at
+
+            def _check(x):
+                with tf.control_dependencies(
+                    [tf.debugging.assert_none_equal(x, tf.constant(bad, tf.int64))]
+                ):
+                    return tf.identity(x)
+
+            ids = ids.map(_check)
+        real = ids.batch(batch, drop_remainder=True).map(
+            lambda x: {"id": tf.cast(x, tf.float32), SIGNAL: tf.zeros([batch], tf.bool)}
+        )
+        pad = tf.data.Dataset.from_tensors(
+            {"id": tf.zeros([batch], tf.float32), SIGNAL: tf.ones([batch], tf.bool)}
+        ).repeat()
+        return real.concatenate(pad)
+
+    return input_fn
+
+
+def _counter(name: str) -> tf.Variable:
+    return tf.compat.v1.get_variable(
+        name, [], tf.float32, tf.compat.v1.zeros_initializer(), trainable=False
+    )
+
+
+def counting_model_fn(features, mode, params):
+    """Counts real examples, their id sum and padding steps in checkpointed variables.
+
+    `params["fail"]` (optional) is "nan" (CheckNumerics on step 3) or "assert"
+    (an ordinary op error on step 3).
+    """
+    real = 1.0 - tf.cast(features[SIGNAL], tf.float32)
+    examples = _counter("real_examples")
+    id_sum = _counter("id_sum")
+    padding_steps = _counter("padding_steps")
+    weight = tf.compat.v1.get_variable("w", [], tf.float32, tf.compat.v1.ones_initializer())
+    global_step = tf.compat.v1.train.get_global_step()
+    loss = tf.reduce_sum(features["id"] * real) * weight * 1e-3
+    fail = params.get("fail")
+    if fail is not None:
+        third = tf.equal(global_step, 2)
+        if fail == "nan":
+            loss = tf.debugging.check_numerics(
+                tf.where(third, tf.constant(float("nan")), loss), "loss is not finite"
+            )
+        else:
+            with tf.control_dependencies(
+                [tf.debugging.assert_equal(third, False, message="step 3 refused")]
+            ):
+                loss = tf.identity(loss)
+    minimize = tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(
+        loss, global_step=global_step
+    )
+    train_op = tf.group(
+        minimize,
+        examples.assign_add(tf.reduce_sum(real)),
+        id_sum.assign_add(tf.reduce_sum(features["id"] * real)),
+        padding_steps.assign_add(1.0 - tf.reduce_min(real)),
+    )
+    return TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
+
+
+def read_counts(checkpoint: str) -> dict:
+    """The counting model's variables and the global step in `checkpoint`."""
+    reader = tf.train.load_checkpoint(checkpoint)
+    return {
+        "real_examples": int(reader.get_tensor("real_examples")),
+        "id_sum": int(reader.get_tensor("id_sum")),
+        "padding_steps": int(reader.get_tensor("padding_steps")),
+        "global_step": int(reader.get_tensor("global_step")),
+    }
+
+
+def live_feed_threads(wait_secs: float = 10.0) -> list:
+    """Names of feed threads still alive after waiting up to `wait_secs` for them to end."""
+    deadline = time.monotonic() + wait_secs
+    while True:
+        alive = [t.name for t in threading.enumerate() if t.name in FEED_THREAD_NAMES]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
