@@ -1,0 +1,221 @@
+"""End of stream under MonitoredSession, through the emulated TPU loop and the real ErrorRendezvous.
+
+Every test trains the counting model (tests/core/_feed_hook_helpers.py) with
+`monolith.core.testing.train`, which mirrors TPUEstimator.train: the feed hook,
+TPUEstimator's `_TPUStopAtStepHook`, a CheckpointSaverHook and the
+rendezvous pattern. Counts are read back from the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_estimator.python.estimator.tpu.tpu_estimator import TPUEstimatorSpec
+
+from monolith.core import testing
+from monolith.core.auto_checkpoint_feed_hook import (
+    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+)
+from tests.core._feed_hook_helpers import (
+    BATCH,
+    counting_model_fn,
+    live_feed_threads,
+    padded_stream_fn,
+    read_counts,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _expected_padding_steps(num_batches, iterations_per_loop):
+    """The rest of the loop that holds the first padding batch (step `num_batches`)."""
+    return iterations_per_loop - num_batches % iterations_per_loop
+
+
+def _assert_trained_stream_exactly(result, num_batches, iterations_per_loop, first_id=1):
+    padding = _expected_padding_steps(num_batches, iterations_per_loop)
+    counts = read_counts(result.final_checkpoint)
+    assert result.stopped_at_end_of_stream
+    assert counts["real_examples"] == num_batches * BATCH
+    assert counts["id_sum"] == sum(range(first_id, first_id + num_batches * BATCH))
+    assert counts["padding_steps"] == padding <= iterations_per_loop
+    assert counts["global_step"] == result.global_step == num_batches + padding
+    assert result.final_checkpoint.endswith(f"-{result.global_step}")
+    assert live_feed_threads() == []
+
+
+def _slow_outfeed_model_fn(features, mode, params):
+    """The counting model with a host call that keeps the outfeed thread behind the loop."""
+    spec = counting_model_fn(features, mode, params)
+
+    def slow_host_fn(ids):
+        return tf.compat.v1.py_func(lambda i: time.sleep(0.03) or np.int64(0), [ids], tf.int64)
+
+    return TPUEstimatorSpec(
+        mode,
+        loss=spec.loss,
+        train_op=spec.train_op,
+        host_call=(slow_host_fn, [features["id"]]),
+    )
+
+
+@pytest.mark.parametrize(
+    "num_batches, iterations_per_loop",
+    [(1, 1), (1, 3), (2, 2), (5, 2), (6, 3), (3, 5)],
+    ids=lambda v: str(v),
+)
+def test_training_stops_at_end_of_stream_with_every_example_trained_once(
+    tmp_path, num_batches, iterations_per_loop
+):
+    result = testing.train(
+        counting_model_fn,
+        padded_stream_fn(num_batches),
+        model_dir=str(tmp_path),
+        iterations_per_loop=iterations_per_loop,
+    )
+    _assert_trained_stream_exactly(result, num_batches, iterations_per_loop)
+
+
+@pytest.mark.parametrize("num_batches", [8, 9, 10, 11, 12])
+def test_stop_latency_is_the_rest_of_the_loop_for_every_end_position(tmp_path, num_batches):
+    # The slow host call keeps the outfeed thread a loop behind the training
+    # thread; before_run must still wait for it and stop after one padding loop.
+    result = testing.train(
+        _slow_outfeed_model_fn,
+        padded_stream_fn(num_batches),
+        model_dir=str(tmp_path),
+        iterations_per_loop=4,
+    )
+    _assert_trained_stream_exactly(result, num_batches, 4)
+
+
+def test_stop_latency_with_the_whole_loop_enqueued_at_once(tmp_path):
+    result = testing.train(
+        _slow_outfeed_model_fn,
+        padded_stream_fn(5),
+        model_dir=str(tmp_path),
+        iterations_per_loop=3,
+        run_infeed_loop_on_coordinator=False,
+    )
+    _assert_trained_stream_exactly(result, 5, 3)
+
+
+def test_restart_resumes_from_the_final_checkpoint_and_loses_nothing(tmp_path):
+    first = testing.train(
+        counting_model_fn, padded_stream_fn(3), model_dir=str(tmp_path), iterations_per_loop=2
+    )
+    second = testing.train(
+        counting_model_fn,
+        padded_stream_fn(4, first_id=100),
+        model_dir=str(tmp_path),
+        iterations_per_loop=2,
+    )
+    counts = read_counts(second.final_checkpoint)
+    assert first.global_step == 3 + 1
+    assert second.steps_run == 4 + 2
+    assert counts["global_step"] == second.global_step == first.global_step + second.steps_run
+    assert counts["real_examples"] == (3 + 4) * BATCH
+    assert counts["id_sum"] == sum(range(1, 7)) + sum(range(100, 108))
+    assert counts["padding_steps"] == 1 + 2
+    assert live_feed_threads() == []
+
+
+# -- failures: the root cause reaches the caller, no feed thread is left --------------------
+
+
+def test_input_pipeline_failure_mid_stream_surfaces_its_root_cause(tmp_path):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="assert_none_equal|Condition"):
+        testing.train(
+            counting_model_fn,
+            padded_stream_fn(6, fail_at=5),
+            model_dir=str(tmp_path),
+            iterations_per_loop=2,
+        )
+    assert live_feed_threads() == []
+
+
+class _MalformedSignalHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
+    """Outfeeds the stop flag under the wrong key."""
+
+    @staticmethod
+    def get_stopping_signals_and_name(features):
+        signals, name = (
+            TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook.get_stopping_signals_and_name(
+                features
+            )
+        )
+        return {"stop": signals["stopping"]}, name
+
+
+def test_malformed_stopping_signal_surfaces_as_runtime_error_naming_stopping(tmp_path):
+    with pytest.raises(RuntimeError, match=r"_user_provided_signal_name.*'stopping'"):
+        testing.train(
+            counting_model_fn,
+            padded_stream_fn(6),
+            model_dir=str(tmp_path),
+            iterations_per_loop=2,
+            hook_class=_MalformedSignalHook,
+        )
+    assert live_feed_threads() == []
+
+
+@pytest.mark.parametrize(
+    "fail, message", [("nan", "loss is not finite"), ("assert", "step 3 refused")]
+)
+def test_train_step_failure_surfaces_its_root_cause(tmp_path, fail, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        testing.train(
+            counting_model_fn,
+            padded_stream_fn(6),
+            model_dir=str(tmp_path),
+            iterations_per_loop=2,
+            params={"fail": fail},
+        )
+    assert live_feed_threads() == []
+
+
+def test_tpu_init_failure_surfaces_its_root_cause(tmp_path, monkeypatch):
+    def failing_initialize_system(job=None, embedding_config=None):
+        return tf.debugging.Assert(False, ["TPU init failed"])
+
+    monkeypatch.setattr(tf.compat.v1.tpu, "initialize_system", failing_initialize_system)
+    monkeypatch.setattr(tf.compat.v1.tpu, "shutdown_system", lambda job=None: tf.no_op())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="TPU init failed"):
+        testing.train(
+            counting_model_fn,
+            padded_stream_fn(2),
+            model_dir=str(tmp_path),
+            ctx=testing.FakeTPUContext(initialize_tpu=True),
+        )
+    assert live_feed_threads() == []
+
+
+def test_stuck_outfeed_thread_does_not_stop_the_final_checkpoint(tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="absl")
+
+    def model_fn(features, mode, params):
+        spec = counting_model_fn(features, mode, params)
+        never_filled = tf.queue.FIFOQueue(1, [tf.float32], shapes=[[]])
+        return TPUEstimatorSpec(
+            mode,
+            loss=spec.loss,
+            train_op=spec.train_op,
+            host_call=(lambda ids: never_filled.dequeue(), [features["id"]]),
+        )
+
+    result = testing.train(
+        model_fn,
+        padded_stream_fn(10),
+        model_dir=str(tmp_path),
+        iterations_per_loop=2,
+        steps=2,
+        hook_kwargs={"join_timeout_secs": 0.5},
+    )
+    assert read_counts(result.final_checkpoint)["global_step"] == 2
+    stuck = [r.getMessage() for r in caplog.records if "OutfeedController" in r.getMessage()]
+    assert stuck and "_run_outfeed" in stuck[0]
+    assert live_feed_threads() == []
