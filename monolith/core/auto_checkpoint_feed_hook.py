@@ -449,6 +449,11 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
 
     def after_create_session(self, session: Any, coord: Any) -> None:
         """Initialises the TPU, runs init ops, compiles, starts the feed threads."""
+        if self._infeed_controller is not None or self._outfeed_controller is not None:
+            # A recreated session (MonitoredSession recovers from preemption):
+            # the previous session's threads must not linger.
+            self._stop_controllers()
+            self._infeed_controller = self._outfeed_controller = None
         self._coord = coord
         self._loops_sent = 0
         with self._state_lock:

@@ -497,3 +497,29 @@ def test_stopping_signals_inside_tpu_replicate_are_summed_across_replicas(in_whi
     with tf.Graph().as_default() as graph:
         tf.compat.v1.tpu.replicate(computation, inputs=[[tf.zeros([2], tf.bool)]])
         assert "CrossReplicaSum" in _graph_op_types(graph)
+
+
+@pytest.mark.timeout(60)
+def test_hook_owned_rendezvous_raises_a_feed_error_from_end_after_shutdown(clean_env):
+    with tf.Graph().as_default():
+        failing_enqueue = tf.debugging.Assert(False, ["input broke"])
+        flushed = _Counter("finalized")
+        hook = _hook([failing_enqueue])
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            hook._finalize_ops.append(flushed.increment)
+            with pytest.raises(tf.errors.InvalidArgumentError, match="input broke"):
+                hook.end(driver.session)
+            assert driver.session.run(flushed.var) == 1
+    assert live_feed_threads() == []
+
+
+@pytest.mark.timeout(60)
+def test_recreated_session_stops_the_previous_sessions_threads(clean_env):
+    with tf.Graph().as_default():
+        hook = _hook()
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            first = (hook._infeed_controller.thread, hook._outfeed_controller.thread)
+            hook.after_create_session(driver.session, driver.coord)
+            assert not any(thread.is_alive() for thread in first)
+            hook.end(driver.session)
