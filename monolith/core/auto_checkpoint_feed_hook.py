@@ -447,6 +447,18 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         else:
             logging.info("Compilation succeeded")
 
+    def _initialize_tpu_system(self) -> None:
+        """Runs `initialize_system` in a fresh graph and session (training thread)."""
+        logging.info("Init TPU system")
+        start = time.time()
+        with tf.Graph().as_default():
+            init_op = tf.compat.v1.tpu.initialize_system(
+                job=self._master_job, embedding_config=self._embedding_layer_config
+            )
+            with tf.compat.v1.Session(self._master, config=self._session_config) as init_session:
+                init_session.run(init_op)
+        logging.info("Initialized TPU in %d seconds", time.time() - start)
+
     def after_create_session(self, session: Any, coord: Any) -> None:
         """Initialises the TPU, runs init ops, compiles, starts the feed threads."""
         if self._infeed_controller is not None or self._outfeed_controller is not None:
@@ -462,18 +474,7 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         watchdog_timeout = _watchdog_timeout_from_env()
 
         if self._should_initialize_tpu:
-            logging.info("Init TPU system")
-            start = time.time()
-            with (
-                tf.Graph().as_default(),
-                tf.compat.v1.Session(self._master, config=self._session_config) as init_session,
-            ):
-                init_session.run(
-                    tf.compat.v1.tpu.initialize_system(
-                        job=self._master_job, embedding_config=self._embedding_layer_config
-                    )
-                )
-            logging.info("Initialized TPU in %d seconds", time.time() - start)
+            self._initialize_tpu_system()
 
         session.run(
             self._init_ops,

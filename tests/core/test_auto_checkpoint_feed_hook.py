@@ -523,3 +523,34 @@ def test_recreated_session_stops_the_previous_sessions_threads(clean_env):
             hook.after_create_session(driver.session, driver.coord)
             assert not any(thread.is_alive() for thread in first)
             hook.end(driver.session)
+
+
+def _stuck_signal_dequeue_ops():
+    never_filled = tf.queue.FIFOQueue(1, [tf.bool], shapes=[[1]])
+    return {SIGNAL: {"stopping": never_filled.dequeue()}}
+
+
+@pytest.mark.timeout(60)
+def test_before_run_stops_waiting_for_the_outfeed_when_a_feed_thread_failed(clean_env):
+    with tf.Graph().as_default():
+        failing_enqueue = tf.debugging.Assert(False, ["input broke"])
+        hook = _hook(
+            [failing_enqueue], dequeue_ops=_stuck_signal_dequeue_ops(), join_timeout_secs=0.5
+        )
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            with pytest.raises(tf.errors.InvalidArgumentError, match="input broke"):
+                driver.loop()
+    assert live_feed_threads() == []
+
+
+@pytest.mark.timeout(60)
+def test_before_run_stops_waiting_for_the_outfeed_when_the_coordinator_stops(clean_env):
+    with tf.Graph().as_default():
+        hook = _hook(dequeue_ops=_stuck_signal_dequeue_ops(), join_timeout_secs=0.5)
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            driver.coord.request_stop()
+            driver.loop()  # returns instead of waiting for the stuck outfeed
+            hook.end(driver.session)
+    assert live_feed_threads() == []
