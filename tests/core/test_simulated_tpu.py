@@ -1,0 +1,291 @@
+"""monolith.core.simulated_tpu: the simulated TPU system and the graph-only TPUEstimator run."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import tensorflow as tf
+from tensorflow.python.tpu import device_assignment as device_assignment_lib
+from tensorflow.python.tpu import tpu_system_metadata
+from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
+from tensorflow_estimator.python.estimator import run_config as run_config_lib
+from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_context, tpu_estimator
+
+from monolith.core import simulated_tpu
+from monolith.core.auto_checkpoint_feed_hook import (
+    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+TOPOLOGIES = pytest.mark.parametrize(
+    "num_hosts, cores_per_host", [(1, 8), (2, 4)], ids=["1x8", "2x4"]
+)
+_PER_REPLICA_BATCH = 2
+
+
+def _run_config(model_dir, feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
+    return tpu_config.RunConfig(
+        master=simulated_tpu.SIMULATED_MASTER,
+        model_dir=str(model_dir),
+        tpu_config=tpu_config.TPUConfig(
+            iterations_per_loop=2,
+            tpu_job_name="worker",
+            per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,
+            experimental_feed_hook=feed_hook,
+        ),
+    )
+
+
+def _input_fn(params):
+    batch = params["batch_size"]
+    return (
+        tf.data.Dataset.range(batch * 4)
+        .map(lambda i: ({"x": tf.cast(tf.reshape(i, [1]), tf.float32)}, tf.ones([], tf.float32)))
+        .batch(batch, drop_remainder=True)
+    )
+
+
+def _model_fn(features, labels, mode, params):
+    weight = tf.compat.v1.get_variable("w", [1, 1], tf.float32)
+    loss = tf.reduce_mean(tf.square(tf.matmul(features["x"], weight)[:, 0] - labels))
+    optimizer = tf.compat.v1.tpu.CrossShardOptimizer(
+        tf.compat.v1.train.GradientDescentOptimizer(0.1)
+    )
+    train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
+    return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
+
+
+def _train_context_facts(estimator, num_hosts, cores_per_host):
+    """What TPUEstimator's TRAIN context derives from the TPU system metadata."""
+    with estimator._ctx.with_mode(model_fn_lib.ModeKeys.TRAIN) as ctx:
+        return (
+            (ctx.num_hosts, ctx.num_replicas, ctx.num_of_replicas_per_host),
+            ctx.tpu_host_placement_function(host_id=num_hosts - 1),
+            ctx.tpu_device_placement_function(num_hosts * cores_per_host - 1),
+        )
+
+
+def _device_names(metadata):
+    return {device.name for device in metadata.devices}
+
+
+@TOPOLOGIES
+def test_metadata_lists_tpu_cpu_and_system_devices_of_every_host(num_hosts, cores_per_host):
+    metadata = simulated_tpu.simulated_tpu_metadata(num_hosts, cores_per_host, job="worker")
+
+    assert (metadata.num_cores, metadata.num_hosts, metadata.num_of_cores_per_host) == (
+        num_hosts * cores_per_host,
+        num_hosts,
+        cores_per_host,
+    )
+    assert metadata.topology is None
+    expected = set()
+    for host in range(num_hosts):
+        prefix = f"/job:worker/replica:0/task:{host}/device:"
+        expected |= {prefix + "CPU:0", prefix + "TPU_SYSTEM:0"}
+        expected |= {f"{prefix}TPU:{core}" for core in range(cores_per_host)}
+    assert _device_names(metadata) == expected
+    assert len(metadata.devices) == len(expected)
+    tpu_types = [d.device_type for d in metadata.devices if "/device:TPU:" in d.name]
+    assert tpu_types == ["TPU"] * num_hosts * cores_per_host
+
+
+def test_metadata_names_devices_after_the_job():
+    metadata = simulated_tpu.simulated_tpu_metadata(1, 2, job="tpu_worker")
+
+    assert all(name.startswith("/job:tpu_worker/") for name in _device_names(metadata))
+
+
+@TOPOLOGIES
+def test_metadata_topology_supports_model_parallel_device_assignment(num_hosts, cores_per_host):
+    metadata = simulated_tpu.simulated_tpu_metadata(num_hosts, cores_per_host, with_topology=True)
+    num_replicas = num_hosts * cores_per_host // 2
+
+    assignment = device_assignment_lib.device_assignment(
+        metadata.topology, computation_shape=[1, 1, 1, 2], num_replicas=num_replicas
+    )
+
+    assert (assignment.num_replicas, assignment.num_cores_per_replica) == (num_replicas, 2)
+    cores = {
+        assignment.tpu_device(replica, logical_core, job="worker")
+        for replica in range(num_replicas)
+        for logical_core in range(2)
+    }
+    assert cores == {
+        f"/job:worker/task:{h}/device:TPU:{d}"
+        for h in range(num_hosts)
+        for d in range(cores_per_host)
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, argument",
+    [
+        ({"num_hosts": 0}, ValueError, "num_hosts=0"),
+        ({"num_hosts": "2"}, TypeError, "num_hosts='2'"),
+        ({"cores_per_host": True}, TypeError, "cores_per_host=True"),
+        ({"cores_per_host": -8}, ValueError, "cores_per_host=-8"),
+        ({"job": ""}, ValueError, "job=''"),
+        ({"job": "a/b"}, ValueError, "job='a/b'"),
+        ({"job": 3}, TypeError, "job=3"),
+    ],
+)
+def test_bad_arguments_are_rejected_naming_the_argument(kwargs, error, argument):
+    with pytest.raises(error, match=argument):
+        simulated_tpu.simulated_tpu_metadata(**kwargs)
+    original = tpu_system_metadata._query_tpu_system_metadata
+    with pytest.raises(error, match=argument), simulated_tpu.simulated_tpu_system(**kwargs):
+        pass
+    assert tpu_system_metadata._query_tpu_system_metadata is original
+
+
+@TOPOLOGIES
+def test_system_answers_tensorflows_query_without_contacting_the_master(num_hosts, cores_per_host):
+    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host) as metadata:
+        # tpu_context calls it through the module, as tpu_system_metadata_lib._query...
+        answer = tpu_context.tpu_system_metadata_lib._query_tpu_system_metadata(
+            "grpc://10.0.0.1:8470", cluster_def=None, query_topology=False
+        )
+        with_topology = tpu_system_metadata._query_tpu_system_metadata(
+            simulated_tpu.SIMULATED_MASTER, query_topology=True
+        )
+
+    assert answer is metadata
+    assert answer.num_cores == num_hosts * cores_per_host
+    assert with_topology.topology is not None
+    assert with_topology.topology.num_tasks == num_hosts
+    assert with_topology.topology.num_tpus_per_task == cores_per_host
+
+
+def test_system_patches_modules_that_imported_the_query_by_name(monkeypatch):
+    original = tpu_system_metadata._query_tpu_system_metadata
+    user_module = types.ModuleType("user_tpu_module_for_test")
+    user_module._query_tpu_system_metadata = original
+    monkeypatch.setitem(sys.modules, user_module.__name__, user_module)
+
+    with simulated_tpu.simulated_tpu_system(2, 4) as metadata:
+        assert user_module._query_tpu_system_metadata("grpc://x:1") is metadata
+
+    assert user_module._query_tpu_system_metadata is original
+
+
+def test_system_patch_is_undone_on_exit_and_on_error():
+    original = tpu_system_metadata._query_tpu_system_metadata
+
+    with simulated_tpu.simulated_tpu_system():
+        assert tpu_system_metadata._query_tpu_system_metadata is not original
+    assert tpu_system_metadata._query_tpu_system_metadata is original
+
+    with pytest.raises(KeyError, match="boom"), simulated_tpu.simulated_tpu_system():
+        raise KeyError("boom")
+    assert tpu_system_metadata._query_tpu_system_metadata is original
+
+
+def test_nested_systems_answer_innermost_and_restore_in_order():
+    original = tpu_system_metadata._query_tpu_system_metadata
+
+    with simulated_tpu.simulated_tpu_system(1, 8) as outer:
+        with simulated_tpu.simulated_tpu_system(2, 4) as inner:
+            assert tpu_system_metadata._query_tpu_system_metadata("grpc://x:1") is inner
+        assert tpu_system_metadata._query_tpu_system_metadata("grpc://x:1") is outer
+
+    assert tpu_system_metadata._query_tpu_system_metadata is original
+
+
+@TOPOLOGIES
+def test_tpuestimator_context_sees_the_simulated_hosts_and_cores(
+    tmp_path, num_hosts, cores_per_host
+):
+    estimator = tpu_estimator.TPUEstimator(
+        model_fn=_model_fn,
+        config=_run_config(tmp_path),
+        use_tpu=True,
+        train_batch_size=_PER_REPLICA_BATCH * num_hosts * cores_per_host,
+    )
+
+    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
+        seen, last_host, last_core = _train_context_facts(estimator, num_hosts, cores_per_host)
+
+    assert seen == (num_hosts, num_hosts * cores_per_host, cores_per_host)
+    assert last_host == f"/job:worker/task:{num_hosts - 1}/device:CPU:0"
+    assert last_core == f"/job:worker/task:{num_hosts - 1}/device:TPU:{cores_per_host - 1}"
+
+
+@TOPOLOGIES
+def test_build_tpu_training_graph_builds_the_replicated_step_and_stops_before_a_session(
+    tmp_path, num_hosts, cores_per_host
+):
+    num_replicas = num_hosts * cores_per_host
+    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
+        built = simulated_tpu.build_tpu_training_graph(
+            _model_fn,
+            _input_fn,
+            config=_run_config(tmp_path),
+            train_batch_size=_PER_REPLICA_BATCH * num_replicas,
+        )
+
+    assert isinstance(built.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
+    assert built.ctx.num_replicas == num_replicas
+    assert built.hook_kwargs["master"] == simulated_tpu.SIMULATED_MASTER
+    metadata_ops = [op for op in built.graph.get_operations() if op.type == "TPUReplicateMetadata"]
+    assert [op.get_attr("num_replicas") for op in metadata_ops] == [num_replicas]
+    assert {"CrossReplicaSum", "OutfeedEnqueueTuple"} <= built.op_types()
+    dequeues = [op for op in built.graph.get_operations() if op.type == "OutfeedDequeueTuple"]
+    assert {op.device for op in dequeues} == {
+        f"/job:worker/task:{h}/device:CPU:0" for h in range(num_hosts)
+    }
+    assert len(dequeues) == num_replicas
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None  # no session ever ran
+
+
+def test_build_without_configured_feed_hook_uses_tpuestimators_stock_hook(tmp_path):
+    with simulated_tpu.simulated_tpu_system(1, 2):
+        built = simulated_tpu.build_tpu_training_graph(
+            _model_fn, _input_fn, config=_run_config(tmp_path, feed_hook=None), train_batch_size=4
+        )
+
+    assert isinstance(built.feed_hook, tpu_estimator.TPUInfeedOutfeedSessionHook)
+    assert not isinstance(built.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
+    assert "CrossReplicaSum" in built.op_types()  # the optimizer's, no stopping signal
+    assert "host_call" in built.dequeue_ops
+
+
+def test_build_raises_when_training_is_already_done(tmp_path):
+    with tf.Graph().as_default():
+        global_step = tf.compat.v1.train.create_global_step()
+        with tf.compat.v1.Session() as session:
+            session.run(global_step.assign(5))
+            tf.compat.v1.train.Saver().save(
+                session, str(tmp_path / "model.ckpt"), global_step=global_step
+            )
+
+    with simulated_tpu.simulated_tpu_system(1, 2), pytest.raises(RuntimeError, match="max_steps=5"):
+        simulated_tpu.build_tpu_training_graph(
+            _model_fn, _input_fn, config=_run_config(tmp_path), train_batch_size=4, max_steps=5
+        )
+
+
+def test_build_rejects_a_non_tpu_config_and_use_tpu_false(tmp_path):
+    with pytest.raises(TypeError, match="config="):
+        simulated_tpu.build_tpu_training_graph(
+            _model_fn, _input_fn, config=run_config_lib.RunConfig(), train_batch_size=4
+        )
+    with pytest.raises(ValueError, match="use_tpu=False"):
+        simulated_tpu.build_tpu_training_graph(
+            _model_fn, _input_fn, config=_run_config(tmp_path), train_batch_size=4, use_tpu=False
+        )
+
+
+def test_graph_op_types_include_ops_inside_library_functions():
+    @tf.function
+    def inner(x):
+        return tf.math.cumsum(x)
+
+    with tf.Graph().as_default() as graph:
+        inner(tf.constant([1.0, 2.0]))
+
+    assert "Cumsum" not in {op.type for op in graph.get_operations()}
+    assert "Cumsum" in simulated_tpu.graph_op_types(graph)
