@@ -289,3 +289,15 @@ def test_graph_op_types_include_ops_inside_library_functions():
 
     assert "Cumsum" not in {op.type for op in graph.get_operations()}
     assert "Cumsum" in simulated_tpu.graph_op_types(graph)
+
+
+def test_build_surfaces_a_model_fn_error_unchanged(tmp_path):
+    def broken_model_fn(features, labels, mode, params):
+        raise ValueError("model_fn refuses to build")
+
+    original = tpu_system_metadata._query_tpu_system_metadata
+    with simulated_tpu.simulated_tpu_system(1, 2), pytest.raises(ValueError, match="refuses"):
+        simulated_tpu.build_tpu_training_graph(
+            broken_model_fn, _input_fn, config=_run_config(tmp_path), train_batch_size=4
+        )
+    assert tpu_system_metadata._query_tpu_system_metadata is original
