@@ -211,9 +211,11 @@ def simulated_tpu_system(
 
     current = getattr(_tpu_system_metadata, _QUERY_NAME)
     patched: List[Tuple[Any, Any]] = []
-    # Modules that imported the function by name hold their own reference.
+    # Modules that imported the function by name hold their own reference. Read
+    # module dicts, not getattr: getattr would import lazily loaded modules.
     for module in list(sys.modules.values()):
-        if module is not None and getattr(module, _QUERY_NAME, None) is current:
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict) and namespace.get(_QUERY_NAME) is current:
             patched.append((module, current))
     try:
         for module, _ in patched:

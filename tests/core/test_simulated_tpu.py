@@ -172,6 +172,20 @@ def test_system_patches_modules_that_imported_the_query_by_name(monkeypatch):
     assert user_module._query_tpu_system_metadata is original
 
 
+class _LazyModule(types.ModuleType):
+    """Like TensorFlow's LazyLoader: any attribute lookup would import something."""
+
+    def __getattr__(self, name):
+        raise ImportError(f"lazy module loaded for {name!r}")
+
+
+def test_system_does_not_load_lazily_loaded_modules(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lazy_module_for_test", _LazyModule("lazy_module_for_test"))
+
+    with simulated_tpu.simulated_tpu_system(1, 2) as metadata:
+        assert tpu_system_metadata._query_tpu_system_metadata("grpc://x:1") is metadata
+
+
 def test_system_patch_is_undone_on_exit_and_on_error():
     original = tpu_system_metadata._query_tpu_system_metadata
 
