@@ -255,6 +255,23 @@ def test_build_tpu_training_graph_builds_the_replicated_step_and_stops_before_a_
     assert tf.train.latest_checkpoint(str(tmp_path)) is None  # no session ever ran
 
 
+def test_build_with_model_parallelism_uses_the_simulated_topology(tmp_path):
+    config = _run_config(tmp_path, feed_hook=None)
+    config = config.replace(tpu_config=config.tpu_config._replace(num_cores_per_replica=2))
+
+    with simulated_tpu.simulated_tpu_system(2, 4):
+        built = simulated_tpu.build_tpu_training_graph(
+            _model_fn, _input_fn, config=config, train_batch_size=4 * _PER_REPLICA_BATCH
+        )
+
+    assert built.ctx.device_assignment.num_replicas == 4
+    (metadata_op,) = [
+        op for op in built.graph.get_operations() if op.type == "TPUReplicateMetadata"
+    ]
+    assert metadata_op.get_attr("num_replicas") == 4
+    assert metadata_op.get_attr("num_cores_per_replica") == 2
+
+
 def test_build_without_configured_feed_hook_uses_tpuestimators_stock_hook(tmp_path):
     with simulated_tpu.simulated_tpu_system(1, 2):
         built = simulated_tpu.build_tpu_training_graph(
