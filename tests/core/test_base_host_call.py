@@ -1,0 +1,259 @@
+"""BaseHostCall: recording, packing one tensor per dtype, unpacking on the host."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from monolith.core import _host_call_layout
+from monolith.core.base_host_call import BaseHostCall
+
+pytestmark = pytest.mark.timeout(60)
+
+# name -> (dtype, per-replica value for replica 0); replica r adds 100 * r.
+RECORDED = {
+    "loss_avg": (tf.float32, 0.5),
+    "ids": (tf.int32, [1, 2, 3]),
+    "labels": (tf.float32, [1.0, 0.0]),
+    "req_time": (tf.int64, [7]),
+    "count_sum": (tf.int32, 4),
+    "weights": (tf.float64, [0.25, 0.75]),
+}
+
+
+@pytest.fixture
+def graph():
+    with tf.Graph().as_default() as g:
+        tf.compat.v1.train.get_or_create_global_step()
+        yield g
+
+
+def _record_all(host_call, replica_id):
+    for name, (dtype, value) in RECORDED.items():
+        host_call.record_summary_tensor(
+            name, tf.constant(value, dtype) + tf.cast(100 * replica_id, dtype)
+        )
+
+
+def _replicated_inputs(host_call, replica_id, num_replicas):
+    """What TPUEstimator hands the host: each packed tensor concatenated over replicas."""
+    with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        rows = [sess.run(host_call._tensors, {replica_id: r}) for r in range(num_replicas)]
+    return [tf.constant(np.concatenate(column, axis=0)) for column in zip(*rows)]
+
+
+# ------------------------------------------------------------ pure layout
+
+
+def test_plan_packing_groups_by_dtype_in_order_of_first_appearance():
+    groups = _host_call_layout.plan_packing(["i64", "f32", "i32", "f32", "i64"], [1, 3, 2, 1, 4])
+
+    assert [g.dtype for g in groups] == ["i64", "f32", "i32"]
+    assert [g.positions for g in groups] == [(0, 4), (1, 3), (2,)]
+    assert [g.sizes for g in groups] == [(1, 4), (3, 1), (2,)]
+    assert [g.width for g in groups] == [5, 4, 2]
+
+
+def test_recorded_order_locates_every_recorded_tensor():
+    groups = _host_call_layout.plan_packing(["a", "b", "a", "c"], [1, 1, 1, 1])
+
+    assert _host_call_layout.recorded_order(groups) == [(0, 0), (1, 0), (0, 1), (2, 0)]
+
+
+@pytest.mark.parametrize(
+    "dtypes, sizes, message",
+    [(["a"], [1, 2], "same length"), (["a", "b"], [1, -1], r"sizes\[1\]")],
+)
+def test_plan_packing_rejects_bad_bookkeeping(dtypes, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        _host_call_layout.plan_packing(dtypes, sizes)
+
+
+# ------------------------------------------------------------ recording
+
+
+def test_records_the_global_step_first(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+
+    assert host_call._tensor_names == ["global_step"]
+    assert host_call._tensors[0].shape.as_list() == [1]
+
+
+def test_compress_packs_one_row_per_dtype(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    _record_all(host_call, 0)
+
+    host_call.compress_tensors()
+
+    shapes = {t.dtype: t.shape.as_list() for t in host_call._tensors}
+    assert shapes == {
+        tf.int64: [1, 1 + 1],  # global_step, req_time
+        tf.float32: [1, 1 + 2],  # loss_avg, labels
+        tf.int32: [1, 3 + 1],  # ids, count_sum
+        tf.float64: [1, 2],  # weights
+    }
+    assert host_call._tensors[0].dtype == tf.int64  # the global step's dtype first
+    assert host_call._lists_tensor_sizes == [[1, 1], [1, 2], [3, 1], [2]]
+
+
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_decompress_returns_recorded_tensors_in_order_per_replica(graph, num_replicas):
+    replica_id = tf.compat.v1.placeholder(tf.int32, [])
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    _record_all(host_call, replica_id)
+    host_call.compress_tensors()
+    inputs = _replicated_inputs(host_call, replica_id, num_replicas)
+
+    global_step, tensors = host_call.decompress_tensors(inputs)
+
+    assert host_call._tensor_names == ["global_step", *RECORDED]
+    with tf.compat.v1.Session() as sess:
+        step, values = sess.run([global_step, tensors])
+    assert step == 0
+    np.testing.assert_array_equal(values[0], np.zeros([num_replicas]))
+    for (dtype, value), got in zip(RECORDED.values(), values[1:]):
+        expected = np.stack(
+            [np.asarray(value, dtype.as_numpy_dtype) + 100 * r for r in range(num_replicas)]
+        )
+        if expected.ndim == 2 and expected.shape[1] == 1:
+            expected = expected[:, 0]  # k == 1: [num_replicas]
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == dtype.as_numpy_dtype
+
+
+@pytest.mark.parametrize("num_replicas", [1, 4])
+def test_decompress_keeps_the_replica_dimension(graph, num_replicas):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call.record_summary_tensor("scalar", tf.constant(1.0))
+    host_call.record_summary_tensor("one", tf.constant([1.0]))
+    host_call.record_summary_tensor("vector", tf.constant([1.0, 2.0]))
+    host_call.compress_tensors()
+    inputs = [tf.zeros([num_replicas, t.shape[1]], t.dtype) for t in host_call._tensors]
+
+    global_step, tensors = host_call.decompress_tensors(inputs)
+
+    assert global_step.shape.as_list() == []
+    assert [t.shape.as_list() for t in tensors] == [
+        [num_replicas],
+        [num_replicas],
+        [num_replicas],
+        [num_replicas, 2],
+    ]
+
+
+def test_disabled_host_call_records_nothing_and_has_no_hook(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=False)
+    host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
+    host_call.record_summary_tensor("loss_avg", tf.constant([[1.0]]))  # not even checked
+
+    assert host_call._tensor_names == ["global_step"]
+    assert host_call.generate_host_call_hook() is None
+
+
+def test_enabled_host_call_records_a_vector_of_static_length(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call.record_summary_tensor("v", tf.zeros([5]))
+
+    assert host_call._tensors[1].shape.as_list() == [5]
+
+
+# ------------------------------------------------------------ user errors
+
+
+def test_enabled_host_call_rejects_a_graph_without_global_step():
+    with tf.Graph().as_default(), pytest.raises(RuntimeError, match="global step"):
+        BaseHostCall("/tmp/unused", enable_host_call=True)
+
+
+def test_record_rejects_a_duplicate_name(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
+
+    with pytest.raises(ValueError, match="'loss_avg' was already recorded"):
+        host_call.record_summary_tensor("loss_avg", tf.constant(2.0))
+
+
+def test_record_rejects_the_reserved_global_step_name(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+
+    with pytest.raises(ValueError, match="'global_step' was already recorded"):
+        host_call.record_summary_tensor("global_step", tf.constant(1))
+
+
+def test_record_rejects_a_rank_2_tensor(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+
+    with pytest.raises(ValueError, match=r"'matrix' must be a scalar or a vector.*\(2, 3\)"):
+        host_call.record_summary_tensor("matrix", tf.zeros([2, 3]))
+
+
+def test_record_rejects_a_vector_without_static_length(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    dynamic = tf.compat.v1.placeholder(tf.float32, [None])
+
+    with pytest.raises(ValueError, match="'dynamic' must have a static length"):
+        host_call.record_summary_tensor("dynamic", dynamic)
+
+
+def test_record_rejects_a_tensor_of_unknown_rank(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    unknown = tf.compat.v1.placeholder(tf.float32, None)
+
+    with pytest.raises(ValueError, match="'unknown' must be a scalar or a vector"):
+        host_call.record_summary_tensor("unknown", unknown)
+
+
+def test_record_rejects_tensors_after_compression(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call.compress_tensors()
+
+    with pytest.raises(RuntimeError, match="'late'.*already compressed"):
+        host_call.record_summary_tensor("late", tf.constant(1.0))
+
+
+def test_compress_rejects_a_second_call(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call.compress_tensors()
+
+    with pytest.raises(RuntimeError, match="already called"):
+        host_call.compress_tensors()
+
+
+def test_decompress_rejects_a_call_before_compression(graph):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+
+    with pytest.raises(RuntimeError, match="compress_tensors"):
+        host_call.decompress_tensors([tf.zeros([1, 1], tf.int64)])
+
+
+@pytest.mark.parametrize(
+    "inputs, error, message",
+    [
+        (lambda: [], ValueError, "expected 2 compressed tensors.*got 0"),
+        (
+            lambda: [tf.zeros([1], tf.int64), tf.zeros([1, 2])],
+            ValueError,
+            "compressed tensor 0 must have rank 2",
+        ),
+        (
+            lambda: [tf.zeros([1, 1], tf.int64), tf.zeros([1, 3])],
+            ValueError,
+            r"compressed tensor 1 must have shape \[None, 2\]",
+        ),
+        (
+            lambda: [tf.zeros([1, 1], tf.int32), tf.zeros([1, 2])],
+            TypeError,
+            "compressed tensor 0 must have dtype int64, got int32",
+        ),
+    ],
+    ids=["count", "rank", "width", "dtype"],
+)
+def test_decompress_rejects_mismatched_tensors(graph, inputs, error, message):
+    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call.record_summary_tensor("pair", tf.zeros([2]))
+    host_call.compress_tensors()
+
+    with pytest.raises(error, match=message):
+        host_call.decompress_tensors(inputs())
