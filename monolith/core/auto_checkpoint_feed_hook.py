@@ -66,11 +66,7 @@ from monolith.core._feed_controllers import (
     _OpSignalOnceQueueContext,
     format_thread_stack,
 )
-
-try:  # TF >= 2.13
-    from tensorflow.python.tpu.tpu_replication import TPUReplicateContext
-except ImportError:  # TF 2.12
-    from tensorflow.python.tpu.tpu import TPUReplicateContext
+from monolith.core._tpu_context import enclosing_tpu_context
 
 __all__ = [
     "PeriodicLogger",
@@ -94,24 +90,6 @@ _DEFAULT_JOIN_TIMEOUT_SECS = 300.0
 _WAIT_POLL_SECS = 0.1
 _SPLIT_COMPILE_ENV = "TPU_SPLIT_COMPILE_AND_EXECUTE"
 _WATCHDOG_ENV = "TF_TPU_WATCHDOG_TIMEOUT"
-
-
-def _in_tpu_replicate_context() -> bool:
-    """True when graph building happens inside a TPU replicate computation.
-
-    TPUEstimator builds the train step inside while-loop bodies, which are
-    separate FuncGraphs in TF2 behaviour, so the control-flow contexts of every
-    enclosing graph are searched, not only the current one.
-    """
-    graph = tf.compat.v1.get_default_graph()
-    while graph is not None:
-        context = graph._get_control_flow_context()
-        while context is not None:
-            if isinstance(context, TPUReplicateContext):
-                return True
-            context = context.outer_context
-        graph = getattr(graph, "outer_graph", None)
-    return False
 
 
 def _stopping_value(ret: Any) -> Optional[bool]:
@@ -593,6 +571,6 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         flag = tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.int32)
         if flag.shape.ndims == 0:
             flag = tf.reshape(flag, [1])
-        if _in_tpu_replicate_context():
+        if enclosing_tpu_context() is not None:
             flag = tf.compat.v1.tpu.cross_replica_sum(flag)
         return {_STOPPING_KEY: flag > 0}, _USER_PROVIDED_SIGNAL_NAME
