@@ -530,6 +530,7 @@ def _run_training(
     save_checkpoints_secs: Optional[float],
     session_config: Optional[tf.compat.v1.ConfigProto],
     build_kwargs: Mapping[str, Any],
+    on_loop_end: Optional[Callable[[int, int, float], None]] = None,
 ) -> TrainResult:
     with tf.Graph().as_default():
         built = build_emulated_training(
@@ -569,6 +570,8 @@ def _run_training(
                 )
                 steps_run += int(loop_steps)
                 loops_run += 1
+                if on_loop_end is not None:
+                    on_loop_end(int(global_step), int(loop_steps), float(loss))
         final_checkpoint = tf.train.latest_checkpoint(model_dir)
         if final_checkpoint is not None:
             global_step = tf.train.load_checkpoint(final_checkpoint).get_tensor(
@@ -611,6 +614,7 @@ def train(
     save_checkpoints_secs: Optional[float] = None,
     session_config: Optional[tf.compat.v1.ConfigProto] = None,
     hook_kwargs: Optional[Mapping[str, Any]] = None,
+    on_loop_end: Optional[Callable[[int, int, float], None]] = None,
 ) -> TrainResult:
     """Trains like `TPUEstimator.train`, on CPU, through the emulated TPU wiring.
 
@@ -641,6 +645,9 @@ def train(
       save_checkpoints_steps: Also save every this many steps.
       save_checkpoints_secs: Also save every this many seconds.
       session_config: Session config for the training session and the hook.
+      on_loop_end: Called on the main thread after every loop with
+        `(global_step, loop_steps, loss)`, e.g. to print progress as
+        TPUEstimator's step and loss logging does.
 
     Returns:
       A `TrainResult`.
@@ -676,6 +683,7 @@ def train(
             save_checkpoints_secs,
             session_config,
             build_kwargs,
+            on_loop_end,
         )
     except Exception:
         rendezvous.record_error("training_loop", sys.exc_info())

@@ -195,6 +195,20 @@ def test_train_stops_at_steps_with_a_shortened_last_loop(tmp_path):
     assert read_counts(result.final_checkpoint)["real_examples"] == 3 * BATCH
 
 
+def test_train_reports_every_loop_to_on_loop_end(tmp_path):
+    calls = []
+    result = testing.train(
+        counting_model_fn,
+        padded_stream_fn(3),
+        model_dir=str(tmp_path),
+        iterations_per_loop=2,
+        on_loop_end=lambda *args: calls.append(args),
+    )
+    assert [(step, loop_steps) for step, loop_steps, _ in calls] == [(2, 2), (4, 2)]
+    assert all(isinstance(loss, float) for _, _, loss in calls)
+    assert calls[-1][2] == pytest.approx(result.loss)
+
+
 def test_train_rejects_a_prebuilt_dataset(tmp_path):
     with tf.Graph().as_default():
         dataset = padded_stream_fn(1)()
