@@ -1,0 +1,201 @@
+"""The host call in a real TPUEstimator(use_tpu=False) run, and its scalars in TensorBoard.
+
+With `use_tpu=False` TPUEstimator passes no `params["context"]` (so the model
+sets `cpu_test`), calls the host function on the `[1, N]` tensors directly,
+and runs it with every train step (`_OutfeedHostCallHook`), initializing and
+flushing the summary writer around the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
+
+from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
+from tests.core._host_call_helpers import exact_auc, parse_payload, read_events
+
+pytestmark = pytest.mark.timeout(120)
+
+NUM_EXAMPLES = 2048
+BATCH = 64
+DIM = 4
+NUM_BUCKETS = 20  # half of the examples fall in the sampled uid buckets (< 10)
+
+
+def _data():
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=[NUM_EXAMPLES, DIM]).astype(np.float32)
+    true_w = np.array([1.5, -2.0, 0.5, 1.0], np.float32)
+    noise = rng.logistic(size=NUM_EXAMPLES)
+    labels = (x @ true_w + noise > 0).astype(np.float32)
+    uid_buckets = rng.randint(0, NUM_BUCKETS, size=NUM_EXAMPLES).astype(np.int32)
+    return x, labels, uid_buckets
+
+
+def _input_fn(params):
+    x, labels, uid_buckets = _data()
+    features = {
+        "x": x,
+        "uid_bucket": uid_buckets,
+        "req_time": np.arange(NUM_EXAMPLES, dtype=np.int64) + 1_700_000_000,
+    }
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels))
+    return dataset.batch(params["batch_size"], drop_remainder=True)
+
+
+def _model_fn(features, labels, mode, params, config):
+    weights = tf.compat.v1.get_variable("w", [DIM, 1], initializer=tf.zeros_initializer())
+    logits = tf.matmul(features["x"], weights)[:, 0]
+    preds = tf.sigmoid(logits)
+    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+    train_op = tf.compat.v1.train.GradientDescentOptimizer(0.5).minimize(
+        loss, global_step=tf.compat.v1.train.get_global_step()
+    )
+    host_call = BaseEmbeddingHostCall(
+        config.model_dir,
+        enable_host_call=True,
+        enable_deepinsight=True,
+        enable_host_call_scalar_metrics=True,
+        enable_caching_with_tpu_var_mode=False,
+        top_k_sampling_num_per_core=params["batch_size"],
+        params=params,
+    )
+    host_call.record_summary_tensor("labels_for_auc_calculation", labels)
+    host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
+    host_call.record_summary_tensor("uid_bucket", features["uid_bucket"])
+    host_call.record_summary_tensor("req_time", features["req_time"][:1])
+    host_call.record_summary_tensor("sample_rate", tf.constant([1.0]))
+    host_call.record_summary_tensor("loss_avg", loss)
+    return tpu_estimator.TPUEstimatorSpec(
+        mode,
+        loss=loss,
+        train_op=train_op,
+        host_call=host_call.generate_host_call_hook(),
+        training_hooks=host_call.tpu_var_restore_hooks,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Trains once over the finite stream; returns the model directory."""
+    directory = str(tmp_path_factory.mktemp("tpuestimator_host_call"))
+    estimator = tpu_estimator.TPUEstimator(
+        model_fn=_model_fn,
+        config=tpu_config.RunConfig(
+            model_dir=directory,
+            tpu_config=tpu_config.TPUConfig(iterations_per_loop=4),
+        ),
+        use_tpu=False,
+        train_batch_size=BATCH,
+        params={"enable_host_call": True, "cpu_test": True, "host_call_every_n_steps": 1},
+    )
+    estimator.train(_input_fn)
+    return directory
+
+
+def _in_write_order(events, tag):
+    return [value for _, value in events[tag]]
+
+
+def test_host_call_runs_with_every_step_and_writes_the_sampled_examples(model_dir):
+    events = read_events(os.path.join(model_dir, "host_call"))
+    steps = NUM_EXAMPLES // BATCH
+
+    assert len(events["auc"]) == len(events["loss_avg"]) == steps
+    _, labels, uid_buckets = _data()
+    sampled = uid_buckets[: steps * BATCH] < 10
+    payload_labels = np.concatenate(
+        [parse_payload(v) for v in _in_write_order(events, "di_labels")]
+    )
+    np.testing.assert_array_equal(payload_labels, labels[: steps * BATCH][sampled])
+    payload_req_times = np.concatenate(
+        [parse_payload(v) for v in _in_write_order(events, "di_req_times")]
+    )
+    batch_first_times = 1_700_000_000 + np.repeat(np.arange(steps) * BATCH, BATCH)
+    np.testing.assert_array_equal(payload_req_times, batch_first_times[sampled])
+
+
+def test_last_auc_summary_matches_the_exact_auc_of_the_sampled_examples(model_dir):
+    events = read_events(os.path.join(model_dir, "host_call"))
+    labels = np.concatenate([parse_payload(v) for v in _in_write_order(events, "di_labels")])
+    preds = np.concatenate([parse_payload(v) for v in _in_write_order(events, "di_preds")])
+
+    last_auc = float(_in_write_order(events, "auc")[-1])
+
+    assert 0.7 < exact_auc(labels, preds) < 1.0  # the model learned something
+    assert last_auc == pytest.approx(exact_auc(labels, preds), abs=0.02)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _poll_json(url, deadline):
+    """The JSON at `url` once it is a non-empty list, polling until `deadline`."""
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body = json.loads(response.read().decode())
+            if body:
+                return body
+        except (urllib.error.URLError, ConnectionError, ValueError) as e:
+            last_error = e
+        time.sleep(0.5)
+    raise AssertionError(f"no data from {url} before the deadline (last error: {last_error})")
+
+
+@pytest.mark.timeout(150)
+def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "tensorboard.log", "w")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            model_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast=false",
+            "--reload_interval=1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=host_call&tag="
+        deadline = time.monotonic() + 90
+        served = {tag: _poll_json(base + tag, deadline) for tag in ("auc", "loss_avg")}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+        log.close()
+
+    events = read_events(os.path.join(model_dir, "host_call"))
+    for tag, rows in served.items():
+        # Rows are [wall_time, step, value], one per summary.
+        assert len(rows) == len(events[tag]), tag
+        served_values = sorted(row[2] for row in rows)
+        written = sorted(float(v) for v in _in_write_order(events, tag))
+        np.testing.assert_allclose(served_values, written, rtol=1e-6)
