@@ -34,7 +34,8 @@ concatenated over replicas. It writes, with `tf.summary` to
 - averages of the selected labels, predictions, request times, sample rates.
 
 Caching mode (`enable_caching_with_tpu_var_mode=True`) is for host calls that
-run every `host_call_every_n_steps` (> 1) steps: `update_tpu_variables_ops`
+run every `host_call_every_n_steps` (> 1) steps (TPUConfig's
+`experimental_host_call_every_n_steps`): `update_tpu_variables_ops`
 appends each step's `top_k_sampling_num_per_core` labels, predictions and uid
 buckets (and one request time and sample rate) to per-core TPU variables, and
 `record_summary_tpu_variables` sends the whole window to the host call, which
@@ -233,10 +234,6 @@ class BaseEmbeddingHostCall(BaseHostCall):
 
         self.tpu_var_restore_hooks: List[TPUVariableRestoreHook] = []
         self._create_all_tpu_variables()
-
-    @property
-    def _caching(self) -> bool:
-        return bool(self._enable_host_call and self._enable_caching_with_tpu_var_mode)
 
     def _create_all_tpu_variables(self) -> None:
         """Creates the cached-metric variables (caching mode only)."""

@@ -229,6 +229,34 @@ def test_logged_auc_includes_the_writing_call_and_accumulates_over_calls(graph, 
     assert aucs == [pytest.approx(1.0), pytest.approx(exact_auc(*both))]
 
 
+def test_serialize_messages_writes_the_first_sample_rate_and_request_time(graph, logdir):
+    host_call = make_host_call(logdir)
+    writer = tf.summary.create_file_writer(logdir + "/host_call")
+    with writer.as_default():
+        host_call._serialize_messages(
+            tf.zeros([2]),
+            tf.zeros([2]),
+            tf.constant([0.25, 0.5]),
+            tf.constant([11, 12], tf.int64),
+            tf.zeros([2], tf.int32),
+            tf.constant(3, tf.int64),
+        )
+    run_host_call([tf.compat.v1.summary.all_v2_summary_ops()])
+
+    events = _events(logdir)
+    assert _payloads(events, "di_example_sample_rates") == [(3, [0.25])]
+    assert _payloads(events, "di_req_times") == [(3, [11])]
+
+
+def test_serialize_messages_rejects_a_missing_tensor(graph, logdir):
+    host_call = make_host_call(logdir)
+
+    with pytest.raises(ValueError, match="req_times must be a tensor, got None"):
+        host_call._serialize_messages(
+            tf.zeros([2]), tf.zeros([2]), tf.zeros([1]), None, tf.zeros([2], tf.int32), 0
+        )
+
+
 # ------------------------------------------------------------ host call with TPU variables
 
 EVERY_N = 3
