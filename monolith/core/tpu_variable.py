@@ -45,7 +45,9 @@ def _enclosing_tpu_context() -> Optional[TPUReplicateContext]:
 
     Walks the control-flow contexts of the default graph and then of each
     outer graph: inside a while_v2 or function body (a FuncGraph) the TPU
-    context belongs to an outer graph.
+    context belongs to an outer graph. Only a `TPUReplicateContext` (an
+    `XLAControlFlowContext`) can hand out replicated handles; inside other
+    XLA contexts (e.g. TPU inference rewrites) the search goes on outwards.
     """
     graph = tf.compat.v1.get_default_graph()
     while graph is not None:
