@@ -1,0 +1,1 @@
+"""Runnable examples of monolith.core (`python -m monolith.examples.train_ctr`)."""
