@@ -77,9 +77,13 @@ def counting_model_fn(features, mode, params):
                 [tf.debugging.assert_equal(third, False, message="step 3 refused")]
             ):
                 loss = tf.identity(loss)
-    minimize = tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(
-        loss, global_step=global_step
-    )
+    # The update waits for the forward loss: otherwise the global step read by
+    # the failure check could run after this step's increment (gradients do
+    # not depend on the check), and the check would never see step 3.
+    with tf.control_dependencies([loss]):
+        minimize = tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(
+            loss, global_step=global_step
+        )
     train_op = tf.group(
         minimize,
         examples.assign_add(tf.reduce_sum(real)),
