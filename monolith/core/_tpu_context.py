@@ -36,6 +36,10 @@ _REPLICATE_CONTEXT_CLASSES = _replicate_context_classes()
 def enclosing_tpu_context() -> Optional[Any]:
     """The TPU replicate context the default graph is built in, or None.
 
+    Only a `TPUReplicateContext` can hand out replicated variable handles;
+    inside other XLA contexts (e.g. TPU inference rewrites) the search goes on
+    outwards.
+
     TPUEstimator builds the train step inside while-loop and function bodies,
     which are separate FuncGraphs in TF2 behaviour, so the control-flow
     contexts of every enclosing graph are searched, not only the current one.

@@ -32,32 +32,9 @@ from tensorflow.python.framework import tensor_conversion_registry
 from tensorflow.python.ops import gen_resource_variable_ops
 from tensorflow.python.types import core
 
-try:  # TF >= 2.12 moved the replicate context out of tpu.py.
-    from tensorflow.python.tpu.tpu_replication import TPUReplicateContext
-except ImportError:  # pragma: no cover - older TensorFlow
-    from tensorflow.python.tpu.tpu import TPUReplicateContext
+from monolith.core._tpu_context import enclosing_tpu_context as _enclosing_tpu_context
 
 __all__ = ["ReplicatedVariable"]
-
-
-def _enclosing_tpu_context() -> Optional[TPUReplicateContext]:
-    """The `TPUReplicateContext` the current graph is built in, or None.
-
-    Walks the control-flow contexts of the default graph and then of each
-    outer graph: inside a while_v2 or function body (a FuncGraph) the TPU
-    context belongs to an outer graph. Only a `TPUReplicateContext` (an
-    `XLAControlFlowContext`) can hand out replicated handles; inside other
-    XLA contexts (e.g. TPU inference rewrites) the search goes on outwards.
-    """
-    graph = tf.compat.v1.get_default_graph()
-    while graph is not None:
-        context = graph._get_control_flow_context()  # pylint: disable=protected-access
-        while context is not None:
-            if isinstance(context, TPUReplicateContext):
-                return context
-            context = context.outer_context
-        graph = getattr(graph, "outer_graph", None)
-    return None
 
 
 class ReplicatedVariable(core.Tensor):
