@@ -39,7 +39,7 @@ import argparse
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -62,6 +62,8 @@ BATCH = 32
 FEATURES = 16
 OURS = "ours"
 STOCK = "stock"
+STOCK_AGAIN = "stock again"  # a second stock run per round: the A/A noise floor
+KINDS = (OURS, STOCK, STOCK_AGAIN)
 
 
 class OriginalDesignHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
@@ -88,6 +90,17 @@ class _WaitTimingHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
         start = time.perf_counter()
         super()._wait_for_outfeed(loops)
         self._waits.append(time.perf_counter() - start)
+
+
+class _EndClockHook(tf.compat.v1.train.SessionRunHook):
+    """Records when `end()` runs; placed after the feed hook, whose `end()` joins its threads."""
+
+    def __init__(self) -> None:
+        self.ended_at: Optional[float] = None
+
+    def end(self, session: Any) -> None:
+        del session
+        self.ended_at = time.perf_counter()
 
 
 # -- models and inputs ----------------------------------------------------------------
@@ -173,6 +186,12 @@ class _OverheadBench:
                 compilation_result_pb2.CompilationResultProto().SerializeToString()
             )
             self._scaffold = tf.compat.v1.train.Scaffold()
+            (outfeed_queue,) = [
+                op
+                for op in self._graph.get_operations()
+                if op.type == "FIFOQueueV2" and "emulated_outfeed" in op.name
+            ]
+            self._outfeed_size = tf.raw_ops.QueueSizeV2(handle=outfeed_queue.outputs[0])
         self._ctx = testing.FakeTPUContext()
 
     def _make_hook(self, kind: str) -> tf.compat.v1.train.SessionRunHook:
@@ -191,26 +210,49 @@ class _OverheadBench:
             return _WaitTimingHook(*args, waits=self.waits, **kwargs)
         return TPUInfeedOutfeedSessionHook(*args, **kwargs)
 
-    def run(self, kind: str, warmup: int, loops: int) -> float:
-        """Wall seconds per loop over `loops` loops run after `warmup` loops."""
+    def _wait_until_outfed(self, sess: Any, hook: Any) -> None:
+        """Blocks until the outfeed thread has drained everything sent so far.
+
+        The stock hook lets its outfeed thread fall behind the training loop;
+        the timed part must not inherit a backlog from the warm-up loops.
+        """
+        deadline = time.monotonic() + 60
+        controller = hook._outfeed_controller
+        while controller._queue.qsize() or sess.run_step_fn(
+            lambda step_context: step_context.session.run(self._outfeed_size)
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the outfeed thread did not catch up within 60 s")
+            time.sleep(0.001)
+
+    def run(self, kind: str, warmup: int, loops: int) -> Tuple[float, float]:
+        """Wall seconds per timed loop: (trained and outfed, trained only).
+
+        The clock starts before the first of `loops` loops run after `warmup`
+        loops (once the outfeed has caught up). "Trained only" stops after the
+        last `session.run(train_op)`; "trained and outfed" once the feed hook's
+        `end()` has joined its feed threads, so it includes outfeed work the
+        stock hook's thread still had to do.
+        """
         hook = self._make_hook(kind)
         steps = (warmup + loops) * self.iterations_per_loop
-        elapsed = 0.0
         runs = 0
         waits_before = len(self.waits)
+        end_clock = _EndClockHook()
         with self._graph.as_default():
             stop_hook = testing.iterations_per_loop_hook(self.iterations_per_loop, steps=steps)
             creator = tf.compat.v1.train.ChiefSessionCreator(scaffold=self._scaffold)
             try:
                 with tf.compat.v1.train.MonitoredSession(
-                    session_creator=creator, hooks=[stop_hook, hook]
+                    session_creator=creator, hooks=[stop_hook, hook, end_clock]
                 ) as sess:
                     while not sess.should_stop():
-                        start = time.perf_counter()
+                        if runs == warmup:
+                            self._wait_until_outfed(sess, hook)
+                            start = time.perf_counter()
                         sess.run(self._built.train_op)
-                        if runs >= warmup:
-                            elapsed += time.perf_counter() - start
                         runs += 1
+                    trained = time.perf_counter()
             except Exception:
                 hook._rendezvous.record_error("training_loop", sys.exc_info())
             finally:
@@ -220,22 +262,34 @@ class _OverheadBench:
             raise RuntimeError(f"{kind}: ran {runs} loops, expected {warmup + loops}")
         # Only the timed loops' waits count (the first loop has none).
         del self.waits[waits_before : waits_before + warmup - 1]
-        return elapsed / loops
+        return (end_clock.ended_at - start) / loops, (trained - start) / loops
 
 
 def measure_overhead(
     iterations_per_loop: int, rounds: int, warmup: int, loops: int
 ) -> Dict[str, Any]:
-    """Per-round wall seconds per loop of each hook, and our hook's waits."""
+    """Per-round seconds per loop of each kind of run (see `run`), and our hook's waits.
+
+    Each round runs ours, stock and stock again, rotating the order by one
+    each round, so no kind always runs first or after the same other kind.
+    """
     bench = _OverheadBench(iterations_per_loop)
     for kind in (OURS, STOCK):  # untimed: first-session effects
         bench.run(kind, warmup=1, loops=1)
     bench.waits.clear()
-    per_loop: Dict[str, List[float]] = {OURS: [], STOCK: []}
+    outfed: Dict[str, List[float]] = {kind: [] for kind in KINDS}
+    trained: Dict[str, List[float]] = {kind: [] for kind in KINDS}
     for r in range(rounds):
-        for kind in (OURS, STOCK) if r % 2 == 0 else (STOCK, OURS):
-            per_loop[kind].append(bench.run(kind, warmup, loops))
-    return {"per_loop": per_loop, "waits": list(bench.waits)}
+        shift = r % len(KINDS)
+        for kind in KINDS[shift:] + KINDS[:shift]:
+            total, train_only = bench.run(kind, warmup, loops)
+            outfed[kind].append(total)
+            trained[kind].append(train_only)
+    return {"outfed": outfed, "trained": trained, "waits": list(bench.waits)}
+
+
+def _ratios(values: Dict[str, List[float]], kind: str) -> List[float]:
+    return [a / b for a, b in zip(values[kind], values[STOCK])]
 
 
 # -- 2. stop latency ------------------------------------------------------------------
@@ -280,7 +334,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--loops",
         type=int,
         default=None,
-        help="timed loops per round (default 3000/iterations_per_loop, at least 100)",
+        help="timed loops per round (default 3000/iterations_per_loop, at least 60)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed loops per round (5)")
     parser.add_argument(
@@ -310,32 +364,37 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _loops_for(args: argparse.Namespace, iterations_per_loop: int) -> int:
-    return args.loops if args.loops is not None else max(100, 3000 // iterations_per_loop)
+    return args.loops if args.loops is not None else max(60, 3000 // iterations_per_loop)
 
 
 def _overhead_part(args: argparse.Namespace) -> None:
     print(
-        "1. Overhead: wall time per loop, ours / stock TPUInfeedOutfeedSessionHook "
-        "(ratio per round, one run of each back to back; the order alternates)."
+        "1. Overhead: wall time per loop until the loop is trained AND outfed (the hook's end() "
+        "joined its feed threads), ours / stock TPUInfeedOutfeedSessionHook, as a ratio per "
+        "round. 'stock again / stock' compares two identical stock runs of the same round: "
+        "the noise floor of this machine. 'train-only' stops the clock at the last "
+        "session.run, crediting the stock hook with outfeed work its thread still had queued "
+        "(on a TPU the bounded outfeed would stall the device instead)."
     )
     rows = []
     for ipl in args.iterations:
         loops = _loops_for(args, ipl)
         found = measure_overhead(ipl, args.rounds, args.warmup, loops)
-        ours, stock = found["per_loop"][OURS], found["per_loop"][STOCK]
-        ratios = [o / s for o, s in zip(ours, stock)]
-        waits = found["waits"]
-        wait_mean = sum(waits) / len(waits)
+        outfed = found["outfed"]
+        ratios = _ratios(outfed, OURS)
+        noise = _ratios(outfed, STOCK_AGAIN)
+        wait_mean = sum(found["waits"]) / len(found["waits"])
         rows.append(
             [
                 ipl,
                 f"{args.rounds} x {loops}",
-                f"{median(ours) * 1e3:.2f}",
-                f"{median(stock) * 1e3:.2f}",
+                f"{median(outfed[OURS]) * 1e3:.2f}",
+                f"{median(outfed[STOCK]) * 1e3:.2f}",
                 f"{median(ratios):.3f}",
-                f"{min(ratios):.3f}",
-                f"{max(ratios):.3f}",
-                f"{wait_mean * 1e3:.3f} ({wait_mean / median(ours):.1%})",
+                f"{min(ratios):.3f} - {max(ratios):.3f}",
+                f"{median(noise):.3f} ({min(noise):.3f} - {max(noise):.3f})",
+                f"{median(_ratios(found['trained'], OURS)):.3f}",
+                f"{wait_mean * 1e3:.3f} ({wait_mean / median(outfed[OURS]):.1%})",
             ]
         )
     print_table(
@@ -345,12 +404,80 @@ def _overhead_part(args: argparse.Namespace) -> None:
             "ours ms/loop",
             "stock ms/loop",
             "ours/stock median",
-            "min",
-            "max",
+            "min - max",
+            "stock again/stock median (min - max)",
+            "train-only ours/stock",
             "ours: before_run wait ms/loop",
         ],
         rows,
     )
+
+
+class _FakeSession:
+    """Returns a ready outfeed result: isolates the feed threads' own Python work."""
+
+    def __init__(self, result: Any):
+        self._result = result
+
+    def run(self, fetches: Any) -> Any:
+        del fetches
+        return self._result
+
+
+class _OneLoop:
+    """A controller stand-in that hands the thread body a single loop of `steps`."""
+
+    def __init__(self, steps: int):
+        self._steps = steps
+
+    def read_iteration_counts(self) -> Any:
+        yield self._steps
+
+
+def python_cost_per_step(hook_class: type, body: str, steps: int, repeats: int = 5) -> float:
+    """Seconds per step of a feed-thread body (`_run_infeed`/`_run_outfeed`) without TF.
+
+    The body runs on this thread with a session whose `run` returns at once
+    (an outfeed result with a False stop flag): what remains is the hook's
+    per-step Python (loop, checks, logging calls), best of `repeats`.
+    """
+    result = {
+        SIGNAL: {"stopping": np.zeros([1], np.bool_)},
+        "host_call": np.zeros([1], np.float32),
+        "__force_dequeue": None,
+    }
+    hook = hook_class(
+        testing.FakeTPUContext(),
+        [],
+        {SIGNAL: None},
+        tpu_compile_op=None,
+        rendezvous=error_handling.ErrorRendezvous(num_sources=2),
+    )
+    hook._coord = tf.train.Coordinator()  # what after_create_session sets
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        getattr(hook, body)(_OneLoop(steps), _FakeSession(result))
+        best = min(best, time.perf_counter() - start)
+    return best / steps
+
+
+def _python_cost_part(args: argparse.Namespace) -> None:
+    steps = 2000 if args.quick else 100_000
+    print(
+        "1b. The hooks' own Python per step in each feed thread (thread body run with a "
+        f"session that returns at once; best of 5 x {steps:,} steps). Ours adds the "
+        "coordinator check per step, reads the stop flag (_stopping_value) per outfeed step, "
+        "and logs per step with absl instead of tf.compat.v1.logging."
+    )
+    rows = []
+    for body in ("_run_infeed", "_run_outfeed"):
+        ours = python_cost_per_step(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook, body, steps)
+        stock = python_cost_per_step(TPUInfeedOutfeedSessionHook, body, steps)
+        rows.append(
+            [body, f"{ours * 1e6:.2f}", f"{stock * 1e6:.2f}", f"{(ours - stock) * 1e6:+.2f}"]
+        )
+    print_table(["thread body", "ours us/step", "stock us/step", "ours - stock us/step"], rows)
 
 
 def _latency_part(args: argparse.Namespace) -> None:
@@ -408,7 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "Feed hook benchmark: monolith.core emulated TPU loop on CPU",
         args.tf_behavior,
         [
-            f"overhead: iterations_per_loop {args.iterations}, {args.rounds} rounds per hook, "
+            f"overhead: iterations_per_loop {args.iterations}, {args.rounds} rounds of "
+            "(ours, stock, stock again) in rotating order, "
             f"timed loops per round {{{loops}}} after {args.warmup} warm-up loops; linear "
             f"model, batch {BATCH}x{FEATURES}, endless input, outfeed every step",
             f"stop latency: iterations_per_loop {args.latency_iterations}, step "
@@ -417,6 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     if args.only in (None, "overhead"):
         _overhead_part(args)
+        _python_cost_part(args)
     if args.only in (None, "latency"):
         _latency_part(args)
     return 0

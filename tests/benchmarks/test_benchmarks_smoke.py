@@ -31,15 +31,23 @@ def _run(script: str, tf_behavior: str) -> str:
     return completed.stdout
 
 
+def _cells(line: str) -> list:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def _table_rows(output: str, first_header: str) -> list:
-    """The cells of each data row of the table whose first column is `first_header`."""
+    """The cells of each data row of the table whose header starts with `first_header`."""
     lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header}"))
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if line.startswith("|") and " | ".join(_cells(line)).startswith(first_header)
+    )
     rows = []
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        rows.append(_cells(line))
     return rows
 
 
@@ -54,7 +62,11 @@ def test_feed_hook_overhead_prints_ratio_and_stop_latency_tables(tf_behavior):
 
     (overhead,) = _table_rows(output, "iterations_per_loop | rounds x loops")
     assert overhead[0] == "10"
-    assert all(float(cell) > 0 for cell in overhead[2:7])
+    assert all(float(overhead[i]) > 0 for i in (2, 3, 4, 7))
+
+    python_cost = _table_rows(output, "thread body")
+    assert [row[0] for row in python_cost] == ["_run_infeed", "_run_outfeed"]
+    assert all(float(cell) > 0 for row in python_cost for cell in row[1:3])
 
     (latency,) = _table_rows(output, "iterations_per_loop | ours worst")
     # Quick run: iterations_per_loop 2, the stream ending at step 0 and 1 of a loop.
