@@ -9,15 +9,23 @@ all under `tf.compat.v1.train.MonitoredSession` with TPUEstimator's own
 
 1. Overhead. One graph (a linear model on an endless input, so the stream
    never ends while timed; the stop flag is still outfed every step) is
-   trained by fresh sessions in alternating order with our
+   trained by fresh sessions with our
    `TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook` and with
    tensorflow-estimator's stock `TPUInfeedOutfeedSessionHook`, each built with
    the same ops, a real `ErrorRendezvous` and `testing.FakeTPUContext` (both
-   then skip TPU initialisation). A round times `loops` loops after `warmup`
-   loops; the ratio ours/stock of the wall time per loop is taken per round
-   (one run of each hook, back to back) and summarised by median, min and max.
-   "ours" runs as a subclass that only records how long `before_run` waits for
-   the outfeed thread (two `perf_counter` calls per loop).
+   then skip TPU initialisation). A round runs ours, stock and stock again
+   (order rotating), each timing `loops` loops after `warmup` loops, from the
+   first timed loop until the hook's `end()` has joined its feed threads (the
+   stock outfeed thread may lag behind the loop; the emulated outfeed queue
+   is unbounded). The ratios ours/stock of wall and process CPU time per loop
+   are taken per round and summarised by median, min and max; stock
+   again/stock is the same measurement between identical runs, i.e. the noise
+   floor. "ours" runs as a subclass that only records how long `before_run`
+   waits for the outfeed thread (two `perf_counter` calls per loop).
+
+1b. Per-step Python of the feed threads: each hook's `_run_infeed` and
+   `_run_outfeed` bodies run on the main thread with a session whose `run`
+   returns at once, isolating what the hook itself adds per step.
 
 2. Stop latency. A stream of real batches followed by endless padding batches
    is trained for every end position within a loop, with our hook and with
@@ -97,10 +105,12 @@ class _EndClockHook(tf.compat.v1.train.SessionRunHook):
 
     def __init__(self) -> None:
         self.ended_at: Optional[float] = None
+        self.cpu_at_end: Optional[float] = None
 
     def end(self, session: Any) -> None:
         del session
         self.ended_at = time.perf_counter()
+        self.cpu_at_end = time.process_time()
 
 
 # -- models and inputs ----------------------------------------------------------------
@@ -225,14 +235,15 @@ class _OverheadBench:
                 raise RuntimeError("the outfeed thread did not catch up within 60 s")
             time.sleep(0.001)
 
-    def run(self, kind: str, warmup: int, loops: int) -> Tuple[float, float]:
-        """Wall seconds per timed loop: (trained and outfed, trained only).
+    def run(self, kind: str, warmup: int, loops: int) -> Tuple[float, float, float]:
+        """Seconds per timed loop: (wall, trained and outfed), (wall, trained only), CPU.
 
         The clock starts before the first of `loops` loops run after `warmup`
         loops (once the outfeed has caught up). "Trained only" stops after the
         last `session.run(train_op)`; "trained and outfed" once the feed hook's
         `end()` has joined its feed threads, so it includes outfeed work the
-        stock hook's thread still had to do.
+        stock hook's thread still had to do. CPU is the process's CPU time
+        (all threads) over the "trained and outfed" interval.
         """
         hook = self._make_hook(kind)
         steps = (warmup + loops) * self.iterations_per_loop
@@ -250,6 +261,7 @@ class _OverheadBench:
                         if runs == warmup:
                             self._wait_until_outfed(sess, hook)
                             start = time.perf_counter()
+                            cpu_start = time.process_time()
                         sess.run(self._built.train_op)
                         runs += 1
                     trained = time.perf_counter()
@@ -262,7 +274,11 @@ class _OverheadBench:
             raise RuntimeError(f"{kind}: ran {runs} loops, expected {warmup + loops}")
         # Only the timed loops' waits count (the first loop has none).
         del self.waits[waits_before : waits_before + warmup - 1]
-        return (end_clock.ended_at - start) / loops, (trained - start) / loops
+        return (
+            (end_clock.ended_at - start) / loops,
+            (trained - start) / loops,
+            (end_clock.cpu_at_end - cpu_start) / loops,
+        )
 
 
 def measure_overhead(
@@ -279,13 +295,15 @@ def measure_overhead(
     bench.waits.clear()
     outfed: Dict[str, List[float]] = {kind: [] for kind in KINDS}
     trained: Dict[str, List[float]] = {kind: [] for kind in KINDS}
+    cpu: Dict[str, List[float]] = {kind: [] for kind in KINDS}
     for r in range(rounds):
         shift = r % len(KINDS)
         for kind in KINDS[shift:] + KINDS[:shift]:
-            total, train_only = bench.run(kind, warmup, loops)
+            total, train_only, cpu_time = bench.run(kind, warmup, loops)
             outfed[kind].append(total)
             trained[kind].append(train_only)
-    return {"outfed": outfed, "trained": trained, "waits": list(bench.waits)}
+            cpu[kind].append(cpu_time)
+    return {"outfed": outfed, "trained": trained, "cpu": cpu, "waits": list(bench.waits)}
 
 
 def _ratios(values: Dict[str, List[float]], kind: str) -> List[float]:
@@ -369,20 +387,21 @@ def _loops_for(args: argparse.Namespace, iterations_per_loop: int) -> int:
 
 def _overhead_part(args: argparse.Namespace) -> None:
     print(
-        "1. Overhead: wall time per loop until the loop is trained AND outfed (the hook's end() "
+        "1. Overhead: time per loop until the loop is trained AND outfed (the hook's end() "
         "joined its feed threads), ours / stock TPUInfeedOutfeedSessionHook, as a ratio per "
-        "round. 'stock again / stock' compares two identical stock runs of the same round: "
-        "the noise floor of this machine. 'train-only' stops the clock at the last "
-        "session.run, crediting the stock hook with outfeed work its thread still had queued "
-        "(on a TPU the bounded outfeed would stall the device instead)."
+        "round; wall clock and process CPU time (all threads). 'stock again' is a second "
+        "identical stock run in the same round: its ratio is this machine's noise floor. "
+        "'train-only' stops the wall clock at the last session.run, crediting the stock hook "
+        "with outfeed work its thread still had queued (on a TPU the bounded outfeed would "
+        "stall the device instead)."
     )
     rows = []
     for ipl in args.iterations:
         loops = _loops_for(args, ipl)
         found = measure_overhead(ipl, args.rounds, args.warmup, loops)
         outfed = found["outfed"]
-        ratios = _ratios(outfed, OURS)
-        noise = _ratios(outfed, STOCK_AGAIN)
+        wall = _ratios(outfed, OURS)
+        wall_noise = _ratios(outfed, STOCK_AGAIN)
         wait_mean = sum(found["waits"]) / len(found["waits"])
         rows.append(
             [
@@ -390,9 +409,10 @@ def _overhead_part(args: argparse.Namespace) -> None:
                 f"{args.rounds} x {loops}",
                 f"{median(outfed[OURS]) * 1e3:.2f}",
                 f"{median(outfed[STOCK]) * 1e3:.2f}",
-                f"{median(ratios):.3f}",
-                f"{min(ratios):.3f} - {max(ratios):.3f}",
-                f"{median(noise):.3f} ({min(noise):.3f} - {max(noise):.3f})",
+                f"{median(wall):.3f} ({min(wall):.2f} - {max(wall):.2f})",
+                f"{median(wall_noise):.3f} ({min(wall_noise):.2f} - {max(wall_noise):.2f})",
+                f"{median(_ratios(found['cpu'], OURS)):.3f}",
+                f"{median(_ratios(found['cpu'], STOCK_AGAIN)):.3f}",
                 f"{median(_ratios(found['trained'], OURS)):.3f}",
                 f"{wait_mean * 1e3:.3f} ({wait_mean / median(outfed[OURS]):.1%})",
             ]
@@ -403,10 +423,11 @@ def _overhead_part(args: argparse.Namespace) -> None:
             "rounds x loops",
             "ours ms/loop",
             "stock ms/loop",
-            "ours/stock median",
-            "min - max",
-            "stock again/stock median (min - max)",
-            "train-only ours/stock",
+            "wall ours/stock median (min - max)",
+            "wall stock again/stock",
+            "CPU ours/stock",
+            "CPU stock again/stock",
+            "train-only wall ours/stock",
             "ours: before_run wait ms/loop",
         ],
         rows,
