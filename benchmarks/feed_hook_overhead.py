@@ -487,9 +487,9 @@ def _python_cost_part(args: argparse.Namespace) -> None:
     steps = 2000 if args.quick else 100_000
     print(
         "1b. The hooks' own Python per step in each feed thread (thread body run with a "
-        f"session that returns at once; best of 5 x {steps:,} steps). Ours adds the "
-        "coordinator check per step, reads the stop flag (_stopping_value) per outfeed step, "
-        "and logs per step with absl instead of tf.compat.v1.logging."
+        f"session that returns at once; best of 5 x {steps:,} steps). Ours adds a "
+        "coordinator check per step and reads the stop flag (_stopping_value) per outfeed "
+        "step until it is seen; whether to log steps is decided once per loop."
     )
     rows = []
     for body in ("_run_infeed", "_run_outfeed"):

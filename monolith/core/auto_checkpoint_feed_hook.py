@@ -44,6 +44,7 @@ gives the root cause.
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 import sys
 import threading
@@ -84,6 +85,7 @@ _TPU_ESTIMATOR = "tpu_estimator"
 _ITERATIONS_PER_LOOP_VAR = "iterations_per_loop"
 
 _STOPPING_KEY = "stopping"
+_NO_SIGNAL = object()
 _INIT_OPS_TIMEOUT_MS = 30 * 60 * 1000
 _DEFAULT_JOIN_TIMEOUT_SECS = 300.0
 # How often the training thread re-checks feed-thread liveness while waiting.
@@ -92,18 +94,32 @@ _SPLIT_COMPILE_ENV = "TPU_SPLIT_COMPILE_AND_EXECUTE"
 _WATCHDOG_ENV = "TF_TPU_WATCHDOG_TIMEOUT"
 
 
+def _debug_enabled() -> bool:
+    """Whether absl's `logging.debug` would emit (checked once per loop, not per step)."""
+    return logging.get_absl_logger().isEnabledFor(std_logging.DEBUG)
+
+
 def _stopping_value(ret: Any) -> Optional[bool]:
     """The stop flag in one outfeed result, or None when it carries no signal.
 
     `ret[_USER_PROVIDED_SIGNAL_NAME]["stopping"]` is a bool array (TPUEstimator
     concatenates the per-replica outfeeds); the stream has ended when any
     element is True. Well-formed inputs pad whole batches, so this equals the
-    original's check of element 0.
+    original's check of element 0. Runs once per outfed step, hence the fast
+    path for the plain dict of arrays that `session.run` returns.
 
     Raises:
       RuntimeError: The signal entry is not a dict with key 'stopping'.
     """
-    if not isinstance(ret, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in ret:
+    if type(ret) is dict:
+        signal = ret.get(_USER_PROVIDED_SIGNAL_NAME, _NO_SIGNAL)
+        if signal is _NO_SIGNAL:
+            return None
+        if type(signal) is dict:
+            value = signal.get(_STOPPING_KEY)
+            if type(value) is np.ndarray:
+                return bool(value.any())
+    elif not isinstance(ret, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in ret:
         return None
     signal = ret[_USER_PROVIDED_SIGNAL_NAME]
     if not isinstance(signal, Mapping) or _STOPPING_KEY not in signal:
@@ -324,46 +340,60 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             self._rendezvous.record_error(source, exc_info, session)
 
     def _run_infeed(self, queue_ctx: Any, session: Any) -> None:
-        """Infeed thread body: runs `enqueue_ops` for each loop it is sent."""
+        """Infeed thread body: runs `enqueue_ops` for each loop it is sent.
+
+        The per-step body is kept to the `session.run` and a coordinator check
+        (debug logging is decided once per loop): it runs `iterations_per_loop`
+        times per training loop and competes with the other threads for the GIL.
+        """
         logging.info("Starting infeed thread controller.")
         if self._initial_infeed_sleep_secs:
             logging.info("Infeed thread sleeping for %d seconds.", self._initial_infeed_sleep_secs)
             time.sleep(self._initial_infeed_sleep_secs)
             logging.info("Infeed thread starting after sleep")
+        run, enqueue_ops = session.run, self._enqueue_ops
+        stopped = self._coordinator_stopped
         with self._catch_feed_errors("infeed", session):
             if self._run_infeed_loop_on_coordinator:
                 for count, steps in enumerate(queue_ctx.read_iteration_counts()):
+                    debug = _debug_enabled()
                     for i in range(steps):
-                        if self._coordinator_stopped():
+                        if stopped():
                             logging.info("Infeed thread: coordinator stopped, shutting down.")
                             return
-                        logging.debug("Infeed enqueue for iteration (%d, %d)", count, i)
-                        session.run(self._enqueue_ops)
+                        if debug:
+                            logging.debug("Infeed enqueue for iteration (%d, %d)", count, i)
+                        run(enqueue_ops)
             else:
                 for _ in queue_ctx.read_iteration_counts():
-                    session.run(self._enqueue_ops)
+                    run(enqueue_ops)
             logging.info("Infeed thread finished, shutting down.")
 
     def _run_outfeed(self, queue_ctx: Any, session: Any) -> None:
         """Outfeed thread body: runs `dequeue_ops`, watches for the stopping signal.
 
         The flag is set after the whole loop was dequeued and before the thread
-        asks for the next loop size, which is what `before_run` waits for.
+        asks for the next loop size, which is what `before_run` waits for. Like
+        the infeed body, the per-step work is kept minimal; once the signal was
+        seen, later results are not inspected.
         """
         logging.info("Starting outfeed thread controller.")
         status_logger = PeriodicLogger(seconds=60)
+        run, dequeue_ops = session.run, self._dequeue_ops
+        stopped = self._coordinator_stopped
+        every_n = self._outfeed_every_n_steps
         with self._catch_feed_errors("outfeed", session):
             seen_stop = False
             for count, steps in enumerate(queue_ctx.read_iteration_counts()):
-                for i in range(steps):
-                    if i % self._outfeed_every_n_steps != 0:
-                        continue
-                    if self._coordinator_stopped():
+                debug = _debug_enabled()
+                for i in range(0, steps, every_n):
+                    if stopped():
                         logging.info("Outfeed thread: coordinator stopped, shutting down.")
                         return
-                    logging.debug("Outfeed dequeue for iteration (%d, %d)", count, i)
-                    stop = _stopping_value(session.run(self._dequeue_ops))
-                    if stop and not seen_stop:
+                    if debug:
+                        logging.debug("Outfeed dequeue for iteration (%d, %d)", count, i)
+                    ret = run(dequeue_ops)
+                    if not seen_stop and _stopping_value(ret):
                         seen_stop = True
                         logging.info("Encountered stop signal at iteration (%d, %d).", count, i)
                     status_logger.log("Outfeed finished for iteration (%d, %d)", count, i)

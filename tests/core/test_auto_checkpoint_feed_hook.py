@@ -280,6 +280,63 @@ def test_outfeed_without_stop_keeps_training(clean_env):
             hook.end(driver.session)
 
 
+class _SignalMapping(dict):
+    """A Mapping that is not exactly a dict (takes the general path)."""
+
+
+@pytest.mark.parametrize(
+    "ret, expected",
+    [
+        ({SIGNAL: {"stopping": np.array([False, False])}}, False),
+        ({SIGNAL: {"stopping": np.array([False, True])}}, True),
+        ({SIGNAL: {"stopping": np.True_}}, True),
+        ({SIGNAL: {"stopping": [False, True]}}, True),
+        ({SIGNAL: {"stopping": [False]}}, False),
+        (_SignalMapping({SIGNAL: _SignalMapping(stopping=np.array([True]))}), True),
+        ({"host_call": np.zeros([1])}, None),
+        ([np.zeros([1])], None),
+        (None, None),
+    ],
+    ids=[
+        "ndarray_false",
+        "ndarray_any",
+        "numpy_scalar",
+        "list_any",
+        "list_false",
+        "mapping",
+        "no_signal",
+        "list_result",
+        "none_result",
+    ],
+)
+def test_stopping_value_reads_any_true_element_of_each_result_kind(ret, expected):
+    assert feed_hook._stopping_value(ret) is expected
+
+
+@pytest.mark.parametrize(
+    "signal", [{"stop": np.array([True])}, np.array([True]), None], ids=["dict", "array", "none"]
+)
+def test_stopping_value_rejects_a_signal_without_the_stopping_key(signal):
+    with pytest.raises(RuntimeError, match=r"must contain key 'stopping'"):
+        feed_hook._stopping_value({SIGNAL: signal})
+
+
+@pytest.mark.timeout(60)
+def test_feed_threads_log_each_step_at_debug_verbosity(clean_env, caplog):
+    caplog.set_level(logging.DEBUG, logger="absl")
+    with tf.Graph().as_default():
+        hook = _hook(dequeue_ops=_signal_dequeue_ops([False]))
+        with _Driver(hook, iterations_per_loop=2) as driver:
+            driver.loop()
+            hook.end(driver.session)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    for feed in ("Infeed enqueue", "Outfeed dequeue"):
+        assert [m for m in messages if m.startswith(feed)] == [
+            f"{feed} for iteration (0, 0)",
+            f"{feed} for iteration (0, 1)",
+        ]
+
+
 @pytest.mark.timeout(60)
 def test_malformed_signal_dict_raises_runtime_error_naming_stopping(clean_env):
     with tf.Graph().as_default():
