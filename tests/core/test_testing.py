@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -23,19 +20,14 @@ from tests.core._feed_hook_helpers import (
     padded_stream_fn,
     read_counts,
 )
+from tests.core._host_call_helpers import read_events
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _scalar_events(logdir, tag):
-    """(step, value) of every `tag` scalar in the event files under `logdir`."""
-    found = []
-    for path in glob.glob(os.path.join(logdir, "**", "events.*"), recursive=True):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    found.append((event.step, float(tf.make_ndarray(value.tensor))))
-    return sorted(found)
+    """Sorted (step, value) of every `tag` scalar in `logdir`'s event files."""
+    return sorted((step, float(value)) for step, value in read_events(logdir).get(tag, []))
 
 
 def _host_call_model_fn(shapes_seen):
