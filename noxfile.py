@@ -52,6 +52,9 @@ BEHAVIORS = ["v2", "v1"]
 # TF 2.12-2.15 are built against numpy 1.x.
 NUMPY = "numpy<2"
 TEST_DEPS = ["pytest>=7", "pytest-timeout>=2.1"]
+# TensorBoard 2.12-2.15 (`python -m tensorboard.main`, used by a test) imports
+# pkg_resources, which setuptools 82 removed; virtualenv seeds the newest setuptools.
+SETUPTOOLS = "setuptools<82"
 
 nox.options.sessions = ["lint", "tests"]
 
@@ -86,6 +89,7 @@ def tests(session: nox.Session, tf: str, behavior: str) -> None:
         f"tensorflow-cpu=={tf_cpu}",
         f"tensorflow-estimator=={estimator}",
         NUMPY,
+        SETUPTOOLS,
         *TEST_DEPS,
         _pinned("ruff"),
         ".",

@@ -19,7 +19,12 @@ setup(
     # own TensorFlow build, which pip must not replace. Use the `cpu` extra elsewhere.
     install_requires=["numpy", "absl-py"],
     extras_require={
-        "cpu": ["tensorflow-cpu>=2.12,<2.16", "tensorflow-estimator>=2.12,<2.16"],
+        # TensorBoard 2.12-2.15 imports pkg_resources, which setuptools 82 removed.
+        "cpu": [
+            "tensorflow-cpu>=2.12,<2.16",
+            "tensorflow-estimator>=2.12,<2.16",
+            "setuptools<82",
+        ],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "ruff==0.8.6"],
     },
     classifiers=[

@@ -143,10 +143,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _poll_json(url, deadline):
-    """The JSON at `url` once it is a non-empty list, polling until `deadline`."""
+def _poll_json(url, deadline, process, log_path):
+    """The JSON at `url` once it is a non-empty list, polling until `deadline`.
+
+    Fails at once, with TensorBoard's output, when the server process has exited.
+    """
     last_error = None
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = log_path.read_text()[-3000:]
+            raise AssertionError(f"TensorBoard exited with code {process.returncode}:\n{output}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 body = json.loads(response.read().decode())
@@ -155,13 +161,17 @@ def _poll_json(url, deadline):
         except (urllib.error.URLError, ConnectionError, ValueError) as e:
             last_error = e
         time.sleep(0.5)
-    raise AssertionError(f"no data from {url} before the deadline (last error: {last_error})")
+    raise AssertionError(
+        f"no data from {url} before the deadline (last error: {last_error}); TensorBoard "
+        f"output:\n{log_path.read_text()[-3000:]}"
+    )
 
 
 @pytest.mark.timeout(150)
 def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
     port = _free_port()
-    log = open(tmp_path / "tensorboard.log", "w")  # noqa: SIM115 - closed in finally
+    log_path = tmp_path / "tensorboard.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
         [
             sys.executable,
@@ -182,7 +192,9 @@ def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
     try:
         base = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=host_call&tag="
         deadline = time.monotonic() + 90
-        served = {tag: _poll_json(base + tag, deadline) for tag in ("auc", "loss_avg")}
+        served = {
+            tag: _poll_json(base + tag, deadline, process, log_path) for tag in ("auc", "loss_avg")
+        }
     finally:
         process.terminate()
         try:
