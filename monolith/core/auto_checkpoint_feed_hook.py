@@ -85,7 +85,6 @@ _TPU_ESTIMATOR = "tpu_estimator"
 _ITERATIONS_PER_LOOP_VAR = "iterations_per_loop"
 
 _STOPPING_KEY = "stopping"
-_NO_SIGNAL = object()
 _INIT_OPS_TIMEOUT_MS = 30 * 60 * 1000
 _DEFAULT_JOIN_TIMEOUT_SECS = 300.0
 # How often the training thread re-checks feed-thread liveness while waiting.
@@ -99,36 +98,37 @@ def _debug_enabled() -> bool:
     return logging.get_absl_logger().isEnabledFor(std_logging.DEBUG)
 
 
+def _is_mapping(value: Any) -> bool:
+    """isinstance(value, Mapping), with the plain dict that `session.run` returns first.
+
+    The ABC check costs about a microsecond; this runs twice per outfed step.
+    """
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _stopping_value(ret: Any) -> Optional[bool]:
     """The stop flag in one outfeed result, or None when it carries no signal.
 
     `ret[_USER_PROVIDED_SIGNAL_NAME]["stopping"]` is a bool array (TPUEstimator
     concatenates the per-replica outfeeds); the stream has ended when any
     element is True. Well-formed inputs pad whole batches, so this equals the
-    original's check of element 0. Runs once per outfed step, hence the fast
-    path for the plain dict of arrays that `session.run` returns.
+    original's check of element 0. Runs once per outfed step, so the array's
+    own `any()` is used rather than the slower `np.any` dispatch.
 
     Raises:
       RuntimeError: The signal entry is not a dict with key 'stopping'.
     """
-    if type(ret) is dict:
-        signal = ret.get(_USER_PROVIDED_SIGNAL_NAME, _NO_SIGNAL)
-        if signal is _NO_SIGNAL:
-            return None
-        if type(signal) is dict:
-            value = signal.get(_STOPPING_KEY)
-            if type(value) is np.ndarray:
-                return bool(value.any())
-    elif not isinstance(ret, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in ret:
+    if not _is_mapping(ret) or _USER_PROVIDED_SIGNAL_NAME not in ret:
         return None
     signal = ret[_USER_PROVIDED_SIGNAL_NAME]
-    if not isinstance(signal, Mapping) or _STOPPING_KEY not in signal:
-        found = sorted(signal) if isinstance(signal, Mapping) else type(signal).__name__
+    if not _is_mapping(signal) or _STOPPING_KEY not in signal:
+        found = sorted(signal) if _is_mapping(signal) else type(signal).__name__
         raise RuntimeError(
             f"ret[{_USER_PROVIDED_SIGNAL_NAME!r}] must contain key {_STOPPING_KEY!r}; "
             f"got {found!r}."
         )
-    return bool(np.any(signal[_STOPPING_KEY]))
+    value = signal[_STOPPING_KEY]
+    return bool(value.any() if type(value) is np.ndarray else np.any(value))
 
 
 def _watchdog_timeout_from_env() -> int:
