@@ -49,13 +49,6 @@ TF_RELEASES = {
 
 BEHAVIORS = ["v2", "v1"]
 
-# TF 2.12-2.15 are built against numpy 1.x.
-NUMPY = "numpy<2"
-TEST_DEPS = ["pytest>=7", "pytest-timeout>=2.1"]
-# TensorBoard 2.12-2.15 (`python -m tensorboard.main`, used by a test) imports
-# pkg_resources, which setuptools 82 removed; virtualenv seeds the newest setuptools.
-SETUPTOOLS = "setuptools<82"
-
 nox.options.sessions = ["lint", "tests"]
 
 _CHECK_VERSIONS = """
@@ -69,13 +62,21 @@ for pin in sys.argv[1:]:
 """
 
 
+def _requirement(package: str) -> str:
+    """Returns `package`'s line of requirements.txt (e.g. `numpy<2`), so nox and CI agree."""
+    text = (ROOT / "requirements.txt").read_text(encoding="utf-8")
+    match = re.search(rf"^{re.escape(package)}[=<>!~]\S*", text, flags=re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"requirements.txt has no requirement on {package!r}")
+    return match.group(0)
+
+
 def _pinned(package: str) -> str:
     """Returns the `package==X` line of requirements.txt, so lint and CI agree."""
-    text = (ROOT / "requirements.txt").read_text(encoding="utf-8")
-    match = re.search(rf"^{re.escape(package)}==\S+", text, flags=re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"requirements.txt pins no exact version of {package!r}")
-    return match.group(0)
+    line = _requirement(package)
+    if not line.startswith(f"{package}=="):
+        raise RuntimeError(f"requirements.txt pins no exact version of {package!r}: {line!r}")
+    return line
 
 
 @nox.session(python=PYTHONS)
@@ -88,9 +89,13 @@ def tests(session: nox.Session, tf: str, behavior: str) -> None:
     session.install(
         f"tensorflow-cpu=={tf_cpu}",
         f"tensorflow-estimator=={estimator}",
-        NUMPY,
-        SETUPTOOLS,
-        *TEST_DEPS,
+        # TF 2.12-2.15 are built against numpy 1.x.
+        _requirement("numpy"),
+        # TensorBoard 2.12-2.15 (run by a test) imports pkg_resources, which
+        # setuptools 82 removed; virtualenv seeds the newest setuptools.
+        _requirement("setuptools"),
+        _requirement("pytest"),
+        _requirement("pytest-timeout"),
         _pinned("ruff"),
         ".",
     )
