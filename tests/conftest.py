@@ -5,6 +5,8 @@ after `tf.compat.v1.disable_v2_behavior()`; the default is TF2 behaviour.
 """
 
 import os
+import threading
+import time
 
 import pytest
 
@@ -41,3 +43,26 @@ def pytest_report_header(config):
 def tf_behavior(pytestconfig):
     """'v2' or 'v1': the TensorFlow behaviour this session runs under."""
     return pytestconfig.getoption("--tf-behavior")
+
+
+# Names of the hook's feed threads (kept here so conftest needs no TF import).
+_FEED_THREAD_NAMES = ("InfeedController", "OutfeedController")
+# A feed thread left by a finished test must end within this many seconds
+# (it polls its coordinator every 0.1 s; 2 busy cores can delay that).
+_FEED_THREAD_GRACE_SECS = 15.0
+
+
+@pytest.fixture(autouse=True)
+def no_feed_thread_outlives_its_test():
+    """Fails a test whose feed threads are still alive after it, so none leaks into the next."""
+    yield
+    deadline = time.monotonic() + _FEED_THREAD_GRACE_SECS
+    while True:
+        alive = [t.name for t in threading.enumerate() if t.name in _FEED_THREAD_NAMES]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"feed threads still alive {_FEED_THREAD_GRACE_SECS} s after the test: {alive}"
+            )
+        time.sleep(0.05)

@@ -369,7 +369,8 @@ def test_end_joins_threads_and_records_them_done(clean_env):
         with _Driver(hook, iterations_per_loop=2) as driver:
             driver.loop()
             hook.end(driver.session)
-            assert live_feed_threads(wait_secs=0) == []
+            threads = [hook._infeed_controller.thread, hook._outfeed_controller.thread]
+            assert [t.name for t in threads if t.is_alive()] == []
         rendezvous.raise_errors()  # both sources done, no error
 
 
