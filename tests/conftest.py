@@ -5,10 +5,10 @@ after `tf.compat.v1.disable_v2_behavior()`; the default is TF2 behaviour.
 """
 
 import os
-import threading
-import time
 
 import pytest
+
+from tests._feed_threads import live_feed_threads
 
 _BEHAVIORS = ("v2", "v1")
 
@@ -45,8 +45,6 @@ def tf_behavior(pytestconfig):
     return pytestconfig.getoption("--tf-behavior")
 
 
-# Names of the hook's feed threads (kept here so conftest needs no TF import).
-_FEED_THREAD_NAMES = ("InfeedController", "OutfeedController")
 # A feed thread left by a finished test must end within this many seconds
 # (it polls its coordinator every 0.1 s; 2 busy cores can delay that).
 _FEED_THREAD_GRACE_SECS = 15.0
@@ -56,13 +54,6 @@ _FEED_THREAD_GRACE_SECS = 15.0
 def no_feed_thread_outlives_its_test():
     """Fails a test whose feed threads are still alive after it, so none leaks into the next."""
     yield
-    deadline = time.monotonic() + _FEED_THREAD_GRACE_SECS
-    while True:
-        alive = [t.name for t in threading.enumerate() if t.name in _FEED_THREAD_NAMES]
-        if not alive:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"feed threads still alive {_FEED_THREAD_GRACE_SECS} s after the test: {alive}"
-            )
-        time.sleep(0.05)
+    alive = live_feed_threads(wait_secs=_FEED_THREAD_GRACE_SECS)
+    if alive:
+        pytest.fail(f"feed threads still alive {_FEED_THREAD_GRACE_SECS} s after the test: {alive}")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu.tpu_estimator import TPUEstimatorSpec
 
@@ -12,7 +9,6 @@ from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
 
 SIGNAL = _USER_PROVIDED_SIGNAL_NAME
 BATCH = 2
-FEED_THREAD_NAMES = ("InfeedController", "OutfeedController")
 
 
 def padded_stream_fn(num_batches: int, batch: int = BATCH, first_id: int = 1, fail_at=None):
@@ -102,13 +98,3 @@ def read_counts(checkpoint: str) -> dict:
         "padding_steps": int(reader.get_tensor("padding_steps")),
         "global_step": int(reader.get_tensor("global_step")),
     }
-
-
-def live_feed_threads(wait_secs: float = 10.0) -> list:
-    """Names of feed threads still alive after waiting up to `wait_secs` for them to end."""
-    deadline = time.monotonic() + wait_secs
-    while True:
-        alive = [t.name for t in threading.enumerate() if t.name in FEED_THREAD_NAMES]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)

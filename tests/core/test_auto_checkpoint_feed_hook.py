@@ -21,7 +21,8 @@ from tensorflow_estimator.python.estimator.tpu import error_handling, tpu_estima
 
 from monolith.core import auto_checkpoint_feed_hook as feed_hook
 from monolith.core.testing import FakeTPUContext
-from tests.core._feed_hook_helpers import SIGNAL, live_feed_threads
+from tests._feed_threads import live_feed_threads
+from tests.core._feed_hook_helpers import SIGNAL
 
 Hook = feed_hook.TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook
 IPL_NAME = "tpu_estimator/iterations_per_loop"

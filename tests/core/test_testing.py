@@ -12,11 +12,11 @@ from monolith.core import testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from tests._feed_threads import live_feed_threads
 from tests.core._feed_hook_helpers import (
     BATCH,
     SIGNAL,
     counting_model_fn,
-    live_feed_threads,
     padded_stream_fn,
     read_counts,
 )
