@@ -387,3 +387,8 @@ def _set_batch_dim(structure: Any, batch: int) -> Any:
         return tf.ensure_shape(value, [batch, *value.shape.as_list()[1:]])
 
     return _map_leaves(fix, structure)
+
+
+from monolith.core.padding_steps import skip_padding_steps  # noqa: E402
+
+__all__ += ["skip_padding_steps"]
