@@ -217,35 +217,58 @@ def test_checkpoints_restore_with_and_without_the_wrapper(tmp_path, first, secon
     np.testing.assert_allclose(after[beta1_power], before[beta1_power] * 0.81, rtol=1e-6)
 
 
-def test_the_wrapper_adds_no_variables(tmp_path):
-    with tf.Graph().as_default():
-        w = tf.compat.v1.get_variable("w", [2], initializer=tf.compat.v1.zeros_initializer())
-        flag = tf.compat.v1.placeholder(tf.bool, [4])
-        global_step = tf.compat.v1.train.get_or_create_global_step()
-        before = {v.name for v in tf.compat.v1.global_variables()}
-        plain = tf.compat.v1.train.AdamOptimizer(0.1)
-        plain._create_slots([w])
-        names_plain = {v.name for v in tf.compat.v1.global_variables()} - before
-    with tf.Graph().as_default():
-        w = tf.compat.v1.get_variable("w", [2], initializer=tf.compat.v1.zeros_initializer())
-        flag = tf.compat.v1.placeholder(tf.bool, [4])
-        global_step = tf.compat.v1.train.get_or_create_global_step()
-        before = {v.name for v in tf.compat.v1.global_variables()}
-        wrapped = skip_padding_steps(tf.compat.v1.train.AdamOptimizer(0.1), flag)
-        train_op = wrapped.minimize(tf.reduce_sum(w), global_step=global_step)
-        names_wrapped = {v.name for v in tf.compat.v1.global_variables()} - before
-        assert names_wrapped == names_plain
-        assert sorted(v.name for v in wrapped.variables()) == sorted(names_plain)
-        assert wrapped.get_slot_names() == ["m", "v"]
-        assert wrapped.get_slot(w, "m") is not None
+def _adam_on_one_variable(wrap_with_flag=None):
+    """(w, global_step, optimizer, train_op) in the default graph; d(loss)/dw = 1."""
+    w = tf.compat.v1.get_variable("w", [2], initializer=tf.compat.v1.zeros_initializer())
+    global_step = tf.compat.v1.train.get_or_create_global_step()
+    optimizer = tf.compat.v1.train.AdamOptimizer(0.1)
+    if wrap_with_flag is not None:
+        optimizer = skip_padding_steps(optimizer, wrap_with_flag)
+    train_op = optimizer.minimize(tf.reduce_sum(w), global_step=global_step)
+    return w, global_step, optimizer, train_op
 
+
+def _variable_names():
+    return sorted(v.name for v in tf.compat.v1.global_variables())
+
+
+def test_the_wrapper_creates_no_variables_and_keeps_the_inner_names():
+    with tf.Graph().as_default():
+        _adam_on_one_variable()
+        plain = _variable_names()
+    with tf.Graph().as_default():
+        w, _, wrapped, _ = _adam_on_one_variable(tf.compat.v1.placeholder(tf.bool, [4]))
+        assert _variable_names() == plain
+        assert sorted(v.name for v in wrapped.variables()) == [
+            name for name in plain if name not in ("w:0", "global_step:0")
+        ]
+        assert wrapped.get_slot_names() == ["m", "v"]
+        assert wrapped.get_slot(w, "m").name == "w/Adam:0"
+
+
+@pytest.mark.parametrize(
+    "dtype, padding, real",
+    [
+        (tf.bool, [False, True, False, False], [False] * 4),
+        (tf.int32, [0, 0, 0, 1], [0] * 4),
+        (tf.int64, [2, 0, 0, 0], [0] * 4),
+        (tf.bool, True, False),  # a scalar flag
+    ],
+    ids=["bool", "int32", "int64", "scalar"],
+)
+def test_any_flagged_example_makes_the_step_padding(dtype, padding, real):
+    with tf.Graph().as_default():
+        flag = tf.compat.v1.placeholder(dtype, np.shape(padding))
+        w, global_step, _, train_op = _adam_on_one_variable({USER_PROVIDED_SIGNAL_NAME: flag})
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
-            session.run(train_op, {flag: [True, False, False, False]})
-            assert session.run(global_step) == 0
-            np.testing.assert_array_equal(session.run(w), [0.0, 0.0])
-            session.run(train_op, {flag: [False] * 4})
+            initial = session.run(tf.compat.v1.global_variables())
+            session.run(train_op, {flag: padding})
+            for before, after in zip(initial, session.run(tf.compat.v1.global_variables())):
+                np.testing.assert_array_equal(after, before)
+            session.run(train_op, {flag: real})
             assert session.run(global_step) == 1
+            # Adam's first step moves each weight by the learning rate against the gradient.
             np.testing.assert_allclose(session.run(w), [-0.1, -0.1], rtol=1e-5)
 
 
@@ -290,7 +313,7 @@ def test_rejects_a_float_flag():
         )
 
 
-def test_accepts_an_integer_flag_tensor_and_no_gradients_is_an_error():
+def test_no_gradients_is_an_error_as_without_the_wrapper():
     with tf.Graph().as_default():
         w = tf.compat.v1.get_variable("w", [2])
         wrapped = skip_padding_steps(tf.compat.v1.train.AdamOptimizer(0.1), tf.constant([0, 1]))
