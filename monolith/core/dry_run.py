@@ -228,9 +228,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _program_traceback(exc: BaseException) -> Any:
     """`exc`'s traceback without the dry run's own leading frames (runpy, this module)."""
-    own_files = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+    own_modules = {"runpy", __name__}
     tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in own_files:
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") in own_modules:
         tb = tb.tb_next
     return tb or exc.__traceback__
 
