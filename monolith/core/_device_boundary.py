@@ -5,10 +5,11 @@ graph; the first thing that needs a TPU device is a session against the TPU
 master: the training session MonitoredSession creates after every hook's
 `begin()`, or the feed hook's own session that runs `initialize_system`
 (whichever comes first). `stop_at_device_boundary` makes creating any session
-with a non-local target raise `DeviceBoundaryReached`, and records the
+with a non-local target, or a local one on a graph with TPU ops (a directly
+attached TPU, master ""), raise `DeviceBoundaryReached`, and records the
 infeed/outfeed feed hook TPUEstimator constructs (by handing TPUEstimator a
 recording subclass of the configured hook class), so the graph and the hook
-can be inspected afterwards. Sessions with a local target ("") run as usual.
+can be inspected afterwards. Other local sessions run as usual.
 
 `DeviceBoundaryReached` derives from `BaseException`, like `SystemExit`, so a
 program's `except Exception:` does not swallow it.
@@ -71,6 +72,33 @@ class DeviceBoundaryReached(BaseException):
     @property
     def feed_hooks(self) -> List[FeedHookRecord]:
         return self.boundary.feed_hooks
+
+
+# Ops only a TPU system runs: the replicated step, its host-side feeds, and
+# the TPU initialisation. A local session on a graph with one of them is a
+# session against a directly attached TPU (`TPUClusterResolver(tpu="local")`).
+_TPU_OP_TYPES = frozenset(
+    {
+        "TPUReplicateMetadata",
+        "TPUCompile",
+        "ConfigureDistributedTPU",
+        "InfeedEnqueueTuple",
+        "InfeedEnqueue",
+        "OutfeedDequeueTuple",
+        "OutfeedDequeue",
+    }
+)
+
+
+def _has_tpu_ops(graph: tf.Graph) -> bool:
+    """Whether `graph` (or a function of its library) holds an op that needs a TPU."""
+    if any(op.type in _TPU_OP_TYPES for op in graph.get_operations()):
+        return True
+    return any(
+        node.op in _TPU_OP_TYPES
+        for function in graph.as_graph_def().library.function
+        for node in function.node_def
+    )
 
 
 class _StopAfterFeedHookBegin(BaseException):
@@ -164,10 +192,14 @@ def stop_at_device_boundary(*, stop_after_feed_hook_begin: bool = False) -> Iter
     def guarded_session_init(
         self: Any, target: Any = "", graph: Any = None, config: Any = None
     ) -> None:
-        if target:
-            where = f"a session against {target!r}"
-            if graph is None:
-                graph = tf.compat.v1.get_default_graph()
+        session_graph = tf.compat.v1.get_default_graph() if graph is None else graph
+        if target or _has_tpu_ops(session_graph):
+            where = (
+                f"a session against {target!r}"
+                if target
+                else "a local session (master '') on a graph with TPU ops"
+            )
+            graph = session_graph
             logging.info("Dry run stopped at the TPU device boundary: %s.", where)
             # What BaseSession.__del__ reads of a session that never opened.
             self._session = None

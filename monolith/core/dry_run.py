@@ -18,24 +18,28 @@ call) only runs there. The dry run runs the program itself, in this process
   infeed, the replicated step, outfeed, host call) and runs every hook's
   `begin()`;
 - the program is stopped at the device boundary: the first session against
-  a non-local (TPU) master, which is where MonitoredSession, or the feed hook's
+  a non-local (TPU) master, or a local one on a graph with TPU ops (a
+  directly attached TPU), which is where MonitoredSession, or the feed hook's
   TPU initialisation, would first need the device.
 
 Outcomes (exit codes):
 
 - 0: the boundary was reached. A report says what was built; its last line
   starts with "TPU dry run: reached the device boundary".
-- the program raised before the boundary (e.g. `TPUEstimator.train` without
-  steps or max_steps, a batch size the replicas cannot share): its traceback
-  is printed as Python would print it, exit code 1 (or the program's own
-  `sys.exit` code).
+- 1: the program raised before the boundary (e.g. `TPUEstimator.train`
+  without steps or max_steps, a batch size the replicas cannot share): its
+  traceback is printed as Python would print it. A program that calls
+  `sys.exit(code)` before the boundary exits with its own code.
 - 3: the program ended without ever creating a session against a TPU master
   (it never reached the TPU).
 - 2: bad dry-run arguments.
 
 Model directories are read as usual (Estimator looks for a checkpoint before
 building the graph), so give the program a local `--model_dir`-like path
-rather than a `gs://` one that needs credentials.
+rather than a `gs://` one that needs credentials. The dry run covers
+TPUEstimator (graph and session) programs; TF2's eager TPU APIs
+(`TPUStrategy`, `initialize_tpu_system`) do not create sessions and are not
+simulated.
 """
 
 from __future__ import annotations
@@ -214,9 +218,11 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--num_hosts", type=int, default=1, help="Simulated TPU hosts (default 1).")
     parser.add_argument(
-        "--cores_per_host", type=int, default=8, help="TPU cores per host (default 8)."
+        "--num_hosts", type=int, default=1, metavar="H", help="Simulated TPU hosts (default 1)."
+    )
+    parser.add_argument(
+        "--cores_per_host", type=int, default=8, metavar="C", help="TPU cores per host (default 8)."
     )
     parser.add_argument(
         "-m", dest="module", metavar="MODULE", help="Run library module MODULE as a script."

@@ -94,6 +94,19 @@ def test_boundary_stops_a_remote_session_and_lets_local_sessions_run():
         assert after.run(two) == 2
 
 
+def test_boundary_stops_a_local_session_on_a_graph_with_tpu_ops():
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.tpu.initialize_system()  # what a directly attached TPU (master "") runs first
+    with (
+        _device_boundary.stop_at_device_boundary(),
+        pytest.raises(_device_boundary.DeviceBoundaryReached) as reached,
+    ):
+        tf.compat.v1.Session(graph=graph)
+    assert reached.value.graph is graph
+    assert "local session" in reached.value.where
+
+
 def test_dry_run_reports_a_tpu_program_at_the_boundary(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pytest"])
     code = dry_run.main(
