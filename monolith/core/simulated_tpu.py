@@ -40,6 +40,15 @@ the process while it is active: do not use it while another thread talks to a
 real TPU. On a real TPU VM, `build_tpu_training_graph` without the simulation
 builds the graph for the real TPU system (the query then does contact it).
 
+To check an unchanged TPUEstimator program instead (its own `RunConfig`,
+`TPUClusterResolver` and `train` call), dry-run it up to the device boundary:
+
+    python -m monolith.core.simulated_tpu --num_hosts 2 --cores_per_host 4 -m your.module ARGS
+
+(`monolith.core.dry_run`; `--help` says more). `simulated_cluster_resolver`
+is the piece that makes `TPUClusterResolver(tpu=<any name>)` resolve to the
+simulated system without GCP.
+
 Note: the train step of TPUEstimator lives in functions of the graph's
 function library (`graph.as_graph_def().library`), not only in
 `graph.get_operations()`; `graph_op_types` and `TPUTrainingGraph.op_types`
@@ -62,18 +71,21 @@ from tensorflow.python.tpu import tpu_system_metadata as _tpu_system_metadata
 from tensorflow_estimator.python.estimator.tpu import tpu_config
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 
+from monolith.core import _device_boundary, _simulated_resolver
+
 __all__ = [
     "SIMULATED_MASTER",
     "TPUTrainingGraph",
     "build_tpu_training_graph",
     "graph_op_types",
+    "simulated_cluster_resolver",
     "simulated_tpu_metadata",
     "simulated_tpu_system",
 ]
 
 #: A non-local master address to put in `RunConfig(master=...)` for a simulated
 #: system. Nothing connects to it while graphs are only built.
-SIMULATED_MASTER = "grpc://127.0.0.1:8470"
+SIMULATED_MASTER = "grpc://" + _simulated_resolver.simulated_host_address(0)
 
 _QUERY_NAME = "_query_tpu_system_metadata"
 
@@ -289,33 +301,6 @@ class TPUTrainingGraph:
         return graph_op_types(self.graph)
 
 
-class _GraphBuilt(Exception):
-    """Raised from the feed hook's `begin()` to stop TPUEstimator before any session."""
-
-
-def _make_probe_hook(base: type, captured: dict) -> type:
-    """A subclass of `base` that records its construction and stops after `begin()`."""
-
-    class _ProbeHook(base):
-        def __init__(self, *args: Any, **kwargs: Any):
-            captured["hook_args"] = args
-            captured["hook_kwargs"] = dict(kwargs)
-            super().__init__(*args, **kwargs)
-
-        def begin(self) -> None:
-            super().begin()
-            captured["graph"] = tf.compat.v1.get_default_graph()
-            captured["feed_hook"] = self
-            raise _GraphBuilt()
-
-    if not hasattr(base, "get_stopping_signals_and_name"):
-        # TPUEstimator calls this on any configured feed hook; (None, None)
-        # is what it does without one.
-        _ProbeHook.get_stopping_signals_and_name = staticmethod(lambda features: (None, None))
-    _ProbeHook.__name__ = _ProbeHook.__qualname__ = f"_Probe{base.__name__}"
-    return _ProbeHook
-
-
 def build_tpu_training_graph(
     model_fn: Callable[..., Any],
     input_fn: Callable[..., Any],
@@ -330,12 +315,16 @@ def build_tpu_training_graph(
     """Builds the `TPUEstimator(use_tpu=True)` training graph and stops before any session.
 
     Runs `TPUEstimator(model_fn, config=..., use_tpu=True, ...).train(input_fn, ...)`
-    with the configured feed hook class replaced by a subclass that, after
-    the real `begin()`, records the graph and stops training with a private
-    exception, which this function catches. So TPUEstimator builds the
-    complete graph (input pipelines, infeed, train step, outfeed, host call,
-    hooks) and runs every hook's `begin()` up to the feed hook's; no session
-    is created and nothing runs. Call it inside `simulated_tpu_system` on CPU.
+    under the dry run's device-boundary mechanism (`monolith.core.dry_run`):
+    TPUEstimator is handed a recording subclass of the configured feed hook
+    class, which here, after the real `begin()`, records the graph and stops
+    training with a private exception that this function catches. So
+    TPUEstimator builds the complete graph (input pipelines, infeed, train
+    step, outfeed, host call, hooks) and runs every hook's `begin()` up to the
+    feed hook's; no session is created and nothing runs (a session against a
+    remote master would stop the build too). Call it inside
+    `simulated_tpu_system` on CPU. The dry run of a whole program goes one
+    step further, to the first session (every hook has begun).
 
     Args:
       model_fn: The TPUEstimator model_fn.
@@ -365,36 +354,64 @@ def build_tpu_training_graph(
         )
     if not estimator_kwargs.pop("use_tpu", True):
         raise ValueError("use_tpu=False: build_tpu_training_graph builds the TPU graph only.")
-    captured: dict = {}
-    base = config.tpu_config.experimental_feed_hook or _tpu_estimator.TPUInfeedOutfeedSessionHook
-    probe_config = config.replace(
-        tpu_config=config.tpu_config._replace(
-            experimental_feed_hook=_make_probe_hook(base, captured)
-        )
-    )
     estimator = _tpu_estimator.TPUEstimator(
         model_fn=model_fn,
-        config=probe_config,
+        config=config,
         params=dict(params) if params is not None else None,
         use_tpu=True,
         train_batch_size=train_batch_size,
         **estimator_kwargs,
     )
-    try:
-        estimator.train(input_fn, hooks=hooks, max_steps=max_steps)
-    except _GraphBuilt:
-        logging.info(
-            "TPU training graph built (%d ops); stopped after %s.begin().",
-            len(captured["graph"].get_operations()),
-            base.__name__,
-        )
-        return TPUTrainingGraph(
-            graph=captured["graph"],
-            feed_hook=captured["feed_hook"],
-            hook_args=captured["hook_args"],
-            hook_kwargs=captured["hook_kwargs"],
-        )
+    with _device_boundary.stop_at_device_boundary(stop_after_feed_hook_begin=True) as boundary:
+        try:
+            estimator.train(input_fn, hooks=hooks, max_steps=max_steps)
+        except _device_boundary._StopAfterFeedHookBegin:
+            record = boundary.feed_hooks[-1]
+            logging.info(
+                "TPU training graph built (%d ops); stopped after %s.begin().",
+                len(record.graph.get_operations()),
+                record.hook_class.__name__,
+            )
+            return TPUTrainingGraph(
+                graph=record.graph,
+                feed_hook=record.hook,
+                hook_args=record.args,
+                hook_kwargs=record.kwargs,
+            )
     raise RuntimeError(
         f"TPUEstimator.train(max_steps={max_steps}) returned without beginning the feed hook "
         f"(model_dir={config.model_dir!r} may already hold a checkpoint at max_steps)."
     )
+
+
+def simulated_cluster_resolver(num_hosts: int = 1, cores_per_host: int = 8) -> Any:
+    """Makes `TPUClusterResolver(tpu=<any name>)` resolve to a simulated system, without GCP.
+
+    A context manager. Inside it, a resolver constructed with any TPU name
+    (and any zone and project) contacts neither the Cloud TPU API nor the GCE
+    metadata server: `master()` is `SIMULATED_MASTER`, `cluster_spec()` has
+    one `worker` task per host (`127.0.0.<h + 1>:8470`), `num_accelerators()`
+    is `{"TPU": cores_per_host}`. Use it with `simulated_tpu_system` of the
+    same shape, so TPUEstimator's system query (which the resolver's
+    `cluster_def` is passed to) gets the matching devices. The dry run
+    (`python -m monolith.core.simulated_tpu`) activates both.
+
+    Args:
+      num_hosts: TPU hosts (worker tasks), >= 1.
+      cores_per_host: TPU cores per host, >= 1.
+
+    Returns:
+      A context manager yielding None.
+
+    Raises:
+      TypeError, ValueError: a count is not an int >= 1.
+    """
+    _check_positive_int("num_hosts", num_hosts)
+    _check_positive_int("cores_per_host", cores_per_host)
+    return _simulated_resolver.simulated_cluster_resolver(num_hosts, cores_per_host)
+
+
+if __name__ == "__main__":
+    from monolith.core import dry_run
+
+    sys.exit(dry_run.main(sys.argv[1:]))

@@ -74,13 +74,16 @@ def append_stopping_signals(
             ...,
         )
         estimator = tpu_estimator.TPUEstimator(model_fn, config=config, ...)
-        estimator.train(input_fn)  # no steps/max_steps needed: stops at end of data
+        # A TPU needs max_steps; it is never reached: training stops at the end
+        # of the data.
+        estimator.train(input_fn, max_steps=sys.maxsize)
 
     In the `model_fn`, padding batches are real steps (at most
-    `iterations_per_loop` of them run before training stops); mask them out
-    with the signal, e.g. `weight = 1.0 - tf.cast(features[USER_PROVIDED_SIGNAL_NAME],
-    tf.float32)`. Padding is all zeros (`""` for strings, empty sparse/ragged
-    tensors), so with zero weights it changes no gradient.
+    `iterations_per_loop` of them run before training stops): wrap the
+    optimizer with `skip_padding_steps(optimizer, features)` so that they
+    change no variable and do not advance the global step. Masking the loss is
+    not enough: Adam, Momentum and RMSProp move weights on a zero gradient.
+    Padding is all zeros (`""` for strings, empty sparse/ragged tensors).
 
     Args:
       dataset: A finite, batched `tf.data.Dataset` whose elements are a

@@ -171,8 +171,11 @@ def train_on_tpu(args: argparse.Namespace) -> None:
         use_tpu=True,
         train_batch_size=args.batch_size,
     )
-    # No steps: the feed hook ends training at the end of the stream.
-    estimator.train(ctr_model.input_fn)
+    # The feed hook ends training at the end of the stream, but on a TPU
+    # TPUEstimator.train needs steps or max_steps ("For TPU training, one of
+    # steps or max_steps must be set"): it sizes each loop with them. So pass
+    # a max_steps that is never reached; the stream's end stops training.
+    estimator.train(ctr_model.input_fn, max_steps=sys.maxsize)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -332,3 +332,25 @@ def test_build_surfaces_a_model_fn_error_unchanged(tmp_path):
             broken_model_fn, _input_fn, config=_run_config(tmp_path), train_batch_size=4
         )
     assert tpu_system_metadata._query_tpu_system_metadata is original
+
+
+def test_build_leaves_sessions_and_the_feed_hook_setting_as_they_were(tmp_path):
+    session_init = tf.compat.v1.Session.__mro__[1].__init__
+    feed_hook_property = tpu_context._InternalTPUContext.__dict__["feed_hook"]
+    config = _run_config(tmp_path)
+
+    with simulated_tpu.simulated_tpu_system(1, 2):
+        built = simulated_tpu.build_tpu_training_graph(
+            _model_fn, _input_fn, config=config, train_batch_size=4
+        )
+
+    assert tf.compat.v1.Session.__mro__[1].__init__ is session_init
+    assert tpu_context._InternalTPUContext.__dict__["feed_hook"] is feed_hook_property
+    # The user's config is not rewritten: the recording hook class is handed
+    # to TPUEstimator only while it builds.
+    assert config.tpu_config.experimental_feed_hook is (
+        TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook
+    )
+    assert type(built.feed_hook) is not TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook
+    with tf.compat.v1.Session(graph=tf.Graph()):  # local sessions were never blocked
+        pass

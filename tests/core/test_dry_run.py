@@ -1,0 +1,385 @@
+"""The dry run of unchanged TPU programs (`python -m monolith.core.simulated_tpu`).
+
+In-process tests (both TF behaviours): the simulated TPUClusterResolver, the
+device boundary, the report of a small program, the outcomes and exit codes,
+`--help`, and the feed hook passing the TPU embedding configuration to
+`initialize_system`. Subprocess tests (TF2 pass only) run the CLI as a user
+would on the example, the TPU-embedding example and a program configured like
+the original runner; they share one module-scoped batch of runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2
+from tensorflow.python.client import session as session_lib
+from tensorflow.python.distribute.cluster_resolver.tpu import tpu_cluster_resolver
+from tensorflow_estimator.python.estimator.tpu import tpu_config
+
+from monolith.core import _device_boundary, dry_run, simulated_tpu
+from monolith.core.auto_checkpoint_feed_hook import (
+    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+)
+from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME
+from monolith.examples import tpu_embedding_ctr
+
+pytestmark = pytest.mark.timeout(300)
+
+PROGRAMS = os.path.join(os.path.dirname(__file__), "dry_run_programs")
+TINY = os.path.join(PROGRAMS, "tiny_tpu_program.py")
+NO_TPU = os.path.join(PROGRAMS, "never_touches_tpu.py")
+RUNNER = os.path.join(PROGRAMS, "original_runner.py")
+FEED_HOOK = (
+    "monolith.core.auto_checkpoint_feed_hook.TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook"
+)
+NO_STEPS_ERROR = "ValueError: For TPU training, one of `steps` or `max_steps` must be set."
+
+
+def _report(lines):
+    """The report's `name: value` lines as a dict, and its last line."""
+    fields = {}
+    for line in lines:
+        if line.startswith("  ") and ":" in line:
+            name, value = line.strip().split(":", 1)
+            fields[name] = value.strip()
+    return fields
+
+
+# ------------------------------------------------------------- in process
+
+
+def test_resolver_resolves_any_tpu_name_to_the_simulated_hosts_without_gcp():
+    original_client = tpu_cluster_resolver.client
+    with simulated_tpu.simulated_cluster_resolver(num_hosts=2, cores_per_host=4):
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu="no-such-tpu", zone="nowhere-1a", project="no-project"
+        )
+        config = tpu_config.RunConfig(cluster=resolver, model_dir="/tmp/unused")
+        assert resolver.master() == simulated_tpu.SIMULATED_MASTER
+        assert resolver.cluster_spec().num_tasks("worker") == 2
+        assert resolver.cluster_spec().job_tasks("worker") == ["127.0.0.1:8470", "127.0.0.2:8470"]
+        assert resolver.num_accelerators() == {"TPU": 4}
+        assert config.master == simulated_tpu.SIMULATED_MASTER
+        assert [job.name for job in config.session_config.cluster_def.job] == ["worker"]
+    assert tpu_cluster_resolver.client is original_client
+
+
+@pytest.mark.parametrize("kwargs", [{"num_hosts": 0}, {"cores_per_host": 1.5}])
+def test_resolver_rejects_bad_counts_naming_the_argument(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises((TypeError, ValueError), match=name):
+        simulated_tpu.simulated_cluster_resolver(**kwargs)
+
+
+def test_boundary_stops_a_remote_session_and_lets_local_sessions_run():
+    graph = tf.Graph()
+    with graph.as_default():
+        two = tf.constant(2)
+    with _device_boundary.stop_at_device_boundary():
+        with tf.compat.v1.Session(graph=graph) as local:
+            assert local.run(two) == 2
+        with pytest.raises(_device_boundary.DeviceBoundaryReached) as reached:
+            tf.compat.v1.Session("grpc://127.0.0.1:8470", graph=graph)
+    assert reached.value.graph is graph
+    assert "grpc://127.0.0.1:8470" in reached.value.where
+    assert not isinstance(reached.value, Exception)  # a program's `except Exception` passes it on
+    assert session_lib.BaseSession.__init__ is not None
+    with tf.compat.v1.Session(graph=graph) as after:  # restored
+        assert after.run(two) == 2
+
+
+def test_boundary_stops_a_local_session_on_a_graph_with_tpu_ops():
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.tpu.initialize_system()  # what a directly attached TPU (master "") runs first
+    with (
+        _device_boundary.stop_at_device_boundary(),
+        pytest.raises(_device_boundary.DeviceBoundaryReached) as reached,
+    ):
+        tf.compat.v1.Session(graph=graph)
+    assert reached.value.graph is graph
+    assert "local session" in reached.value.where
+
+
+def test_dry_run_reports_a_tpu_program_at_the_boundary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    code = dry_run.main(
+        ["--num_hosts", "2", "--cores_per_host", "4", TINY, "--model_dir", str(tmp_path)]
+    )
+
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert lines[-1].startswith(dry_run.BOUNDARY_LINE)
+    assert "grpc://127.0.0.1:8470" in lines[-1]
+    fields = _report(lines)
+    assert fields["TPU system"] == "2 host(s) x 4 core(s), 8 replica(s)"
+    assert fields["feed hook"] == FEED_HOOK
+    for op in ("InfeedDequeueTuple", "OutfeedEnqueueTuple", "CrossReplicaSum"):
+        assert op in fields["train step ops"]
+    assert fields["host call"] == "no"
+    assert fields["TPU embedding"] == "no"
+    assert "MISSING" not in fields
+    assert sys.argv == ["pytest"]  # restored
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None  # no session ran
+
+
+def test_a_program_raising_before_the_boundary_shows_its_own_traceback(tmp_path, capsys):
+    code = dry_run.main([TINY, "--model_dir", str(tmp_path), "--omit_steps"])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert NO_STEPS_ERROR in err
+    first_frame = err.split("Traceback (most recent call last):\n", 1)[1].splitlines()[0]
+    assert TINY in first_frame  # starts at the program, not in the dry run or runpy
+    assert err.strip().splitlines()[-1].endswith("raised ValueError before the device boundary.")
+
+
+def test_a_program_that_never_reaches_a_tpu_session_fails_with_a_message(capsys):
+    code = dry_run.main([NO_TPU])
+
+    out, err = capsys.readouterr()
+    assert code == dry_run.EXIT_NO_TPU_SESSION
+    assert "local sum: 45" in out  # local sessions ran
+    assert "never reached the TPU device boundary" in err
+
+
+def test_a_program_exit_code_is_kept(tmp_path, capsys):
+    script = tmp_path / "exits.py"
+    script.write_text("import sys\nsys.exit(7)\n")
+
+    assert dry_run.main([str(script)]) == 7
+    assert "exited with 7 before the device boundary" in capsys.readouterr().err
+
+
+def test_help_documents_usage_boundary_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exited:
+        dry_run.main(["--help"])
+
+    text = capsys.readouterr().out
+    assert exited.value.code == 0
+    for expected in (
+        "--num_hosts",
+        "--cores_per_host",
+        "(-m MODULE | SCRIPT) [ARGS...]",
+        "TPUClusterResolver",
+        "device boundary",
+        "traceback",
+        "3: the program ended without ever creating a session",
+    ):
+        assert expected in text
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["-m", "pkg.mod", "--num_hosts", "9"], ([], "pkg.mod", None, ["--num_hosts", "9"])),
+        (
+            ["--num_hosts", "2", "--cores_per_host=4", "s.py", "-m", "x"],
+            (["--num_hosts", "2", "--cores_per_host=4"], None, "s.py", ["-m", "x"]),
+        ),
+    ],
+)
+def test_everything_after_the_program_belongs_to_the_program(argv, expected):
+    assert dry_run._split_argv(argv) == expected
+
+
+@pytest.mark.parametrize("argv", [[], ["--num_hosts", "0", TINY], ["no_such_script.py"]])
+def test_bad_dry_run_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        dry_run.main(argv)
+    assert exited.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def embedding_graph(tmp_path_factory):
+    """The TPU-embedding example's graph on 1 host x 2 cores, up to the feed hook's begin()."""
+    config = tpu_config.RunConfig(
+        master=simulated_tpu.SIMULATED_MASTER,
+        model_dir=str(tmp_path_factory.mktemp("embedding")),
+        tpu_config=tpu_config.TPUConfig(
+            iterations_per_loop=2,
+            tpu_job_name="worker",
+            per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,
+            experimental_feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+        ),
+    )
+    with simulated_tpu.simulated_tpu_system(1, 2):
+        return simulated_tpu.build_tpu_training_graph(
+            tpu_embedding_ctr.model_fn,
+            tpu_embedding_ctr.input_fn,
+            config=config,
+            train_batch_size=8,
+            params={"num_examples": 64},
+            embedding_config_spec=tpu_embedding_ctr.embedding_config_spec(),
+        )
+
+
+class _InitializeSystemCalled(Exception):
+    pass
+
+
+def test_feed_hook_passes_the_tpu_embedding_config_to_initialize_system(
+    embedding_graph, monkeypatch
+):
+    seen = []
+
+    def initialize_system(job=None, embedding_config=None):
+        seen.append((job, embedding_config))
+        raise _InitializeSystemCalled()  # nothing after the TPU initialisation may run
+
+    monkeypatch.setattr(tf.compat.v1.tpu, "initialize_system", initialize_system)
+    built = embedding_graph
+    kwargs = dict(built.hook_kwargs, master="")  # a local session for the initialisation
+    with built.graph.as_default():
+        hook = TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(*built.hook_args, **kwargs)
+        with tf.compat.v1.Session() as session, pytest.raises(_InitializeSystemCalled):
+            hook.after_create_session(session, tf.train.Coordinator())
+
+    ((job, embedding_config),) = seen
+    expected = built.ctx.embedding_config.tpu_embedding.config_proto
+    assert job == "worker"
+    assert embedding_config == expected
+    assert isinstance(embedding_config, tpu_embedding_configuration_pb2.TPUEmbeddingConfiguration)
+    (table,) = embedding_config.table_descriptor
+    assert table.vocabulary_size == tpu_embedding_ctr.NUM_ITEMS
+    assert table.dimension == tpu_embedding_ctr.EMBEDDING_DIM
+    assert table.optimization_parameters.HasField("adagrad")
+
+
+def test_embedding_example_builds_the_embedding_step(embedding_graph):
+    types = embedding_graph.op_types()
+    assert {"RecvTPUEmbeddingActivations", "SendTPUEmbeddingGradients"} <= types
+    assert any(t.startswith("EnqueueTPUEmbedding") for t in types)
+
+
+def test_embedding_example_padding_batch_is_an_empty_sparse_batch_of_full_size():
+    batch = 8
+    dataset = tpu_embedding_ctr.input_fn({"batch_size": batch, "num_examples": 2 * batch})
+    ids_name = tpu_embedding_ctr.ITEM_IDS
+    parts = dataset.take(3).map(
+        lambda features, labels: (
+            features[USER_PROVIDED_SIGNAL_NAME],
+            features[ids_name].indices,
+            features[ids_name].values,
+            features[ids_name].dense_shape,
+            labels,
+        )
+    )
+    if tf.executing_eagerly():
+        elements = list(parts.as_numpy_iterator())
+    else:
+        with tf.compat.v1.Session() as session:
+            get_next = tf.compat.v1.data.make_one_shot_iterator(parts).get_next()
+            elements = [session.run(get_next) for _ in range(3)]
+
+    real, last_real, padding = elements
+    assert not real[0].any() and not last_real[0].any() and len(real[2]) >= batch
+    signal, indices, values, dense_shape, labels = padding
+    assert signal.shape == (batch,) and signal.all()
+    assert indices.shape == (0, 2) and values.shape == (0,)  # no ids for any example
+    assert values.dtype == real[2].dtype == "int64"
+    assert dense_shape[0] == batch and labels.shape == (batch, 1)
+
+
+# ------------------------------------------------------------- the CLI in subprocesses
+
+_CLI_RUNS = {
+    "example_1x8": (1, 8, ["-m", "monolith.examples.train_ctr", "--tpu", "my-tpu"]),
+    "example_2x4": (2, 4, ["-m", "monolith.examples.train_ctr", "--tpu", "my-tpu"]),
+    "embedding_1x8": (1, 8, ["-m", "monolith.examples.tpu_embedding_ctr", "--tpu", "my-tpu"]),
+    "embedding_2x4": (2, 4, ["-m", "monolith.examples.tpu_embedding_ctr", "--tpu", "my-tpu"]),
+    "runner_1_host": (1, 4, [RUNNER]),
+    "runner_2_hosts": (2, 4, [RUNNER]),
+    "no_steps": (1, 8, [TINY, "--omit_steps"]),
+    "batch_12_on_8": (1, 8, [TINY, "--batch_size", "12"]),
+    "no_tpu": (1, 8, [NO_TPU]),
+}
+
+
+def _run_cli(name, tmp_dir):
+    num_hosts, cores, program = _CLI_RUNS[name]
+    model_dir = os.path.join(tmp_dir, name)
+    argv = [sys.executable, "-m", "monolith.core.simulated_tpu"]
+    argv += ["--num_hosts", str(num_hosts), "--cores_per_host", str(cores), *program]
+    if program[-1] != NO_TPU:
+        argv += ["--model_dir", model_dir]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, pytestconfig):
+    """name -> CompletedProcess of every CLI run above (run once, two at a time)."""
+    if pytestconfig.getoption("--tf-behavior") != "v2":
+        pytest.skip(
+            "the dry-run CLI runs programs in a new process in TensorFlow's default "
+            "behaviour, whatever this pytest run's behaviour: covered by the TF2 pass"
+        )
+    tmp_dir = str(tmp_path_factory.mktemp("cli"))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_run_cli, name, tmp_dir) for name in _CLI_RUNS}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _reached(run):
+    lines = run.stdout.strip().splitlines()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert lines[-1].startswith(dry_run.BOUNDARY_LINE)
+    return _report(lines)
+
+
+@pytest.mark.parametrize("name, hosts, cores", [("example_1x8", 1, 8), ("example_2x4", 2, 4)])
+def test_cli_example_tpu_path_reaches_the_boundary(cli, name, hosts, cores):
+    fields = _reached(cli[name])
+    assert fields["TPU system"] == f"{hosts} host(s) x {cores} core(s), 8 replica(s)"
+    assert fields["feed hook"] == FEED_HOOK
+    for op in ("InfeedDequeueTuple", "OutfeedEnqueueTuple", "CrossReplicaSum"):
+        assert op in fields["train step ops"]
+    assert fields["host call"] == "yes"
+    assert fields["TPU embedding"] == "no"
+
+
+@pytest.mark.parametrize("name, hosts", [("embedding_1x8", 1), ("embedding_2x4", 2)])
+def test_cli_tpu_embedding_example_reaches_the_boundary(cli, name, hosts):
+    fields = _reached(cli[name])
+    assert fields["TPU system"].startswith(f"{hosts} host(s)")
+    assert fields["feed hook"] == FEED_HOOK
+    assert fields["TPU embedding"] == "yes (1 table(s), 1 feature(s))"
+    assert "RecvTPUEmbeddingActivations" in fields["train step ops"]
+    assert "SendTPUEmbeddingGradients" in fields["train step ops"]
+
+
+@pytest.mark.parametrize("name, hosts", [("runner_1_host", 1), ("runner_2_hosts", 2)])
+def test_cli_original_runner_configuration_reaches_the_boundary(cli, name, hosts):
+    run = cli[name]
+    fields = _reached(run)
+    # The runner counted the hosts from the resolver and sized its batch with them.
+    assert f"runner: {hosts} worker task(s), global batch {4 * 4 * hosts}" in run.stdout
+    assert fields["TPU system"] == f"{hosts} host(s) x 4 core(s), {4 * hosts} replica(s)"
+    assert fields["host call"] == "yes"
+    assert fields["TPU embedding"] == "yes (2 table(s), 2 feature(s))"
+
+
+def test_cli_program_without_steps_fails_with_tensorflows_error(cli):
+    run = cli["no_steps"]
+    assert run.returncode == 1
+    assert NO_STEPS_ERROR in run.stderr
+    assert dry_run.BOUNDARY_LINE not in run.stdout
+
+
+def test_cli_batch_size_not_divisible_by_replicas_fails_with_tpuestimators_error(cli):
+    run = cli["batch_12_on_8"]
+    assert run.returncode == 1
+    assert "ValueError: train batch size 12 must be divisible by number of replicas 8" in run.stderr
+
+
+def test_cli_program_that_never_touches_a_tpu_exits_non_zero(cli):
+    run = cli["no_tpu"]
+    assert run.returncode == dry_run.EXIT_NO_TPU_SESSION
+    assert "never reached the TPU device boundary" in run.stderr
