@@ -39,6 +39,8 @@ body is a while_v2 FuncGraph). Initial values must not depend on tensors of
 the step (use initializers or Python values), as on TPU. It must increment
 the global step (e.g. `optimizer.minimize(..., global_step=...)`), as for
 TPUEstimator. Summary ops belong in the host call, not in the step.
+`cross_replica_sum` (e.g. of `CrossShardOptimizer`) builds the identity, which
+is what it computes for one replica; other TPU-only ops have no CPU kernel.
 
 As TPUEstimator.train (use_tpu=True) does, `train` gives `input_fn` and
 `model_fn` `params["batch_size"]` (with `train_batch_size`), `params["context"]`
@@ -309,9 +311,10 @@ def train(
 
     Builds a fresh graph (`build_emulated_training`), then runs a
     `MonitoredSession` that restores the latest checkpoint of `model_dir`,
-    with TPUEstimator's hooks in TPUEstimator's order: a
-    `CheckpointSaverHook` (saves at session creation, every
-    `save_checkpoints_steps`/`_secs` if given, and at end), `hooks`, the
+    with TPUEstimator's hooks in TPUEstimator's order (after a loop counter of
+    its own, for `TrainResult` and `on_loop_end`): a `CheckpointSaverHook`
+    (saves at session creation, every `save_checkpoints_steps`/`_secs` if
+    given, and at end), `hooks`, the
     stop-at-step hook (`iterations_per_loop_hook`), `NanTensorHook(loss)`, the
     feed hook, `InstallSignalHandlerHook`, `LoggingTensorHook` and
     `ExamplesPerSecondHook` (with `log_step_count_steps`), and the model_fn's
@@ -354,7 +357,7 @@ def train(
       are logged only); the host call writes its summaries as on TPU.
     * No `GracefulShutdownHook`/TPU worker reset and no `CloudTPUPreemptedHook`.
     * Without a checkpoint setting, only the initial and final checkpoints are
-      written (RunConfig's default would save every 600 s).
+      written (`config` says so: both None), where RunConfig defaults to 600 s.
     * `InstallSignalHandlerHook` is installed only when called on the main
       thread, and the SIGINT handler is also put back when training raised.
 

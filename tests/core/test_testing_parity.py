@@ -252,8 +252,9 @@ def test_hooks_run_in_tpuestimators_order(tmp_path, monkeypatch):
         hooks=[_UserHook()],
     )
     estimator_hooks, emulator_hooks = created
-    assert emulator_hooks[:-1] == estimator_hooks
+    assert emulator_hooks[1:] == estimator_hooks
     assert emulator_hooks == [
+        "_RunCounter",  # the emulator's own, for TrainResult and on_loop_end
         "CheckpointSaverHook",
         "_UserHook",
         "_TPUStopAtStepHook",
@@ -263,7 +264,6 @@ def test_hooks_run_in_tpuestimators_order(tmp_path, monkeypatch):
         "LoggingTensorHook",
         "ExamplesPerSecondHook",
         "_ModelHook",
-        "_InitialGlobalStep",  # the emulator's own reader for TrainResult
     ]
 
 
@@ -408,3 +408,36 @@ def test_train_result_counts_steps_that_did_not_advance_the_global_step(tmp_path
     )
     assert (second.initial_global_step, second.global_step) == (3, 4)
     assert (second.steps_run, second.uncounted_steps) == (2, 1)
+
+
+class _AbortOnce(tf.compat.v1.train.SessionRunHook):
+    """Raises AbortedError after the first loop, so MonitoredSession recreates the session."""
+
+    def __init__(self):
+        self.aborted = False
+
+    def after_run(self, run_context, run_values):
+        if not self.aborted:
+            self.aborted = True
+            raise tf.errors.AbortedError(None, None, "injected: session must be recreated")
+
+
+def test_train_result_keeps_the_first_sessions_global_step_after_a_recreation(tmp_path):
+    abort = _AbortOnce()
+    result = testing.train(
+        counting_model_fn,
+        _stream_input_fn(2),
+        model_dir=str(tmp_path),
+        iterations_per_loop=2,
+        train_batch_size=2,
+        save_checkpoints_steps=2,
+        hooks=[abort],
+    )
+    assert abort.aborted
+    # Loop 1 (steps 1-2) ran and was saved at step 2, then a hook aborted the
+    # session; the new one restores step 2 and replays the stream from its
+    # start: 2 real steps, then 2 padding steps (the counting model advances
+    # the global step on padding too).
+    assert result.initial_global_step == 0
+    assert (result.loops_run, result.steps_run, result.global_step) == (3, 6, 6)
+    assert result.uncounted_steps == 0

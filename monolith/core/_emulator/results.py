@@ -56,7 +56,8 @@ class TrainResult:
       steps_run: Train steps this call ran (loop iterations), padding steps included.
       loops_run: `session.run(train_op)` calls, i.e. loops, this call ran.
       stopped_at_end_of_stream: Whether the hook stopped training because the
-        stream ended (False when steps/max_steps stopped it first).
+        stream ended (False when steps/max_steps, or the feed hook's SIGTERM
+        stop, stopped it first).
       final_checkpoint: Path prefix of the latest checkpoint in `model_dir`.
       loss: Loss of the last step run (None when no loop ran).
       initial_global_step: Global step when the session was created (restored
@@ -76,6 +77,8 @@ class TrainResult:
         """Steps this call ran that did not advance the global step.
 
         With `skip_padding_steps` these are the padding steps (they ran and
-        trained nothing); without it, 0, since every step advances the global step.
+        trained nothing); without it, 0, since every step advances the global
+        step. Steps undone by a session recreation (MonitoredSession restores
+        the last checkpoint after AbortedError/UnavailableError) count too.
         """
         return self.steps_run - (self.global_step - self.initial_global_step)

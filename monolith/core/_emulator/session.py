@@ -1,8 +1,9 @@
 """Runs the emulated graph the way TPUEstimator.train (use_tpu=True) runs its graph.
 
-Hooks, in TPUEstimator's order (MonitoredTrainingSession puts the chief's
-hooks first): the `CheckpointSaverHook`, the caller's `hooks`, the stop-at-step
-hook, `NanTensorHook(loss)`, the feed hook, `InstallSignalHandlerHook`,
+Hooks: the emulator's own loop counter, then TPUEstimator's hooks in
+TPUEstimator's order (MonitoredTrainingSession puts the chief's hooks first):
+the `CheckpointSaverHook`, the caller's `hooks`, the stop-at-step hook,
+`NanTensorHook(loss)`, the feed hook, `InstallSignalHandlerHook`,
 `LoggingTensorHook({"loss", "step"})` and `ExamplesPerSecondHook` (every
 `log_step_count_steps` loops), the model_fn's `training_hooks`.
 """
@@ -40,15 +41,57 @@ def stop_at_step_hook(
     return _tpu_estimator._TPUStopAtStepHook(counter, num_steps=steps, final_step=max_steps)
 
 
-class _InitialGlobalStep(tf.compat.v1.train.SessionRunHook):
-    """Reads the global step once the session is created (restored or new)."""
+class _RunCounter(tf.compat.v1.train.SessionRunHook):
+    """Counts the loops and steps run and reads the first session's global step.
 
-    def __init__(self, global_step: tf.Variable):
-        self._global_step = global_step
-        self.value = 0
+    First among the hooks, so a loop whose `session.run` succeeded is counted
+    even when a later hook's `after_run` raises (e.g. AbortedError, after which
+    MonitoredSession recreates the session and restores the last checkpoint).
+    Only the first session's global step is kept as the initial one.
+    """
+
+    def __init__(self, built: EmulatedTPUTraining):
+        self._global_step = built.global_step
+        self._fetches = [built.loop_steps, built.loss, built.global_step_after_loop]
+        self.initial_global_step: Optional[int] = None
+        self.steps_run = self.loops_run = 0
+        self.last: Optional[tuple] = None  # (global_step, loop_steps, loss) of the last loop
 
     def after_create_session(self, session: Any, coord: Any) -> None:
-        self.value = int(session.run(self._global_step))
+        if self.initial_global_step is None:
+            self.initial_global_step = int(session.run(self._global_step))
+
+    def before_run(self, run_context: Any) -> tf.compat.v1.train.SessionRunArgs:
+        return tf.compat.v1.train.SessionRunArgs(self._fetches)
+
+    def after_run(self, run_context: Any, run_values: Any) -> None:
+        loop_steps, loss, global_step = run_values.results
+        self.steps_run += int(loop_steps)
+        self.loops_run += 1
+        self.last = (int(global_step), int(loop_steps), float(loss))
+        logging.debug(
+            "Loop %d ran %d steps, global step %d, loss %s.",
+            self.loops_run,
+            loop_steps,
+            global_step,
+            loss,
+        )
+
+
+def _stopped_at_end_of_stream(feed_hook: Any) -> bool:
+    """Whether the feed hook stopped training because the stream ended.
+
+    The feed hook also stops on SIGTERM through the same path (`stopping_signal`
+    and OutOfRangeError); `monolith.core.preemption.last_stop_reason()` tells
+    the two apart where that module exists.
+    """
+    if not getattr(feed_hook, "stopping_signal", False):
+        return False
+    try:
+        from monolith.core import preemption
+    except ImportError:  # a feed hook without the SIGTERM stop
+        return True
+    return preemption.last_stop_reason() is not preemption.StopReason.SIGTERM
 
 
 def _saver_hook(
@@ -103,10 +146,11 @@ def run(
     with tf.Graph().as_default():
         built = graph.build(model_fn, input_fn, options.build)
         scaffold = tf.compat.v1.train.Scaffold()
-        counter = _tpu_util.parse_iterations_per_loop(options.iterations_per_loop)
-        steps_per_run = counter.value if counter.unit == "count" else None
-        initial = _InitialGlobalStep(built.global_step)
+        loop_size = _tpu_util.parse_iterations_per_loop(options.iterations_per_loop)
+        steps_per_run = loop_size.value if loop_size.unit == "count" else None
+        counter = _RunCounter(built)
         all_hooks = [
+            counter,
             _saver_hook(options, scaffold, steps_per_run),
             *options.hooks,
             stop_at_step_hook(options.iterations_per_loop, options.steps, options.max_steps),
@@ -115,54 +159,41 @@ def run(
             *_signal_hooks(),
             *_logging_hooks(built, options, steps_per_run),
             *built.training_hooks,
-            initial,
         ]
         creator = tf.compat.v1.train.ChiefSessionCreator(
             scaffold=scaffold,
             checkpoint_dir=options.model_dir,
             config=options.build.session_config,
         )
-        steps_run = loops_run = 0
-        loss = global_step = None
         logging.info("Emulated TPU training in %s starts.", options.model_dir)
         with tf.compat.v1.train.MonitoredSession(session_creator=creator, hooks=all_hooks) as sess:
             while not sess.should_stop():
-                _, loop_steps, loss, global_step = sess.run(
-                    [built.train_op, built.loop_steps, built.loss, built.global_step_after_loop]
-                )
-                steps_run += int(loop_steps)
-                loops_run += 1
-                logging.debug(
-                    "Loop %d ran %d steps, global step %d, loss %s.",
-                    loops_run,
-                    loop_steps,
-                    global_step,
-                    loss,
-                )
+                sess.run(built.train_op)
                 if options.on_loop_end is not None:
-                    options.on_loop_end(int(global_step), int(loop_steps), float(loss))
+                    options.on_loop_end(*counter.last)
         final_checkpoint = tf.train.latest_checkpoint(options.model_dir)
+        global_step = counter.last[0] if counter.last is not None else None
         if final_checkpoint is not None:
             global_step = tf.train.load_checkpoint(final_checkpoint).get_tensor(
                 built.global_step.op.name
             )
-        stopped = bool(getattr(built.hook, "stopping_signal", False))
+        stopped = _stopped_at_end_of_stream(built.hook)
         logging.info(
             "Emulated TPU training stopped at step %s after %d steps in %d loops "
             "(end of stream: %s).",
             global_step,
-            steps_run,
-            loops_run,
+            counter.steps_run,
+            counter.loops_run,
             stopped,
         )
         return TrainResult(
             global_step=int(global_step) if global_step is not None else 0,
-            steps_run=steps_run,
-            loops_run=loops_run,
+            steps_run=counter.steps_run,
+            loops_run=counter.loops_run,
             stopped_at_end_of_stream=stopped,
             final_checkpoint=final_checkpoint,
-            loss=float(loss) if loss is not None else None,
-            initial_global_step=initial.value,
+            loss=counter.last[2] if counter.last is not None else None,
+            initial_global_step=counter.initial_global_step or 0,
         )
 
 
