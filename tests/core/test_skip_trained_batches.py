@@ -163,6 +163,58 @@ def test_session_recreated_in_process_resumes_at_the_restored_step(tmp_path, per
     np.testing.assert_array_equal(trained, [1] * (10 * per_step) + [0] * (30 - 10 * per_step))
 
 
+def _train_until_padding(model_dir):
+    """Two batches per step (two replicas of a host); stops on a step with any padding.
+
+    The weights record what was trained: each trained id `i` moves `w[i]` by -1.
+    Returns (w, global step) from the checkpoint written at the stop.
+    """
+    with tf.Graph().as_default():
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        dataset = _ids(10).map(lambda ids: {"ids": ids})  # 5 real batches
+        dataset = append_stopping_signals(skip_trained_batches(dataset, batches_per_step=2))
+        iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
+        replicas = [iterator.get_next() for _ in range(2)]
+        ids = tf.concat([r["ids"] for r in replicas], axis=0)
+        signal_name = stopping_signals.USER_PROVIDED_SIGNAL_NAME
+        flag = tf.concat([r[signal_name] for r in replicas], axis=0)
+        weights = tf.compat.v1.get_variable(
+            "w", [10], tf.float32, initializer=tf.compat.v1.zeros_initializer()
+        )
+        real = 1.0 - tf.cast(flag, tf.float32)
+        loss = tf.reduce_sum(tf.gather(weights, ids) * real)
+        optimizer = stopping_signals.skip_padding_steps(
+            tf.compat.v1.train.GradientDescentOptimizer(1.0), {signal_name: flag}
+        )
+        train_op = optimizer.minimize(loss, global_step=global_step)
+        stop = tf.reduce_any(flag)
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session() as session:
+            latest = tf.train.latest_checkpoint(model_dir)
+            if latest:
+                saver.restore(session, latest)
+            else:
+                session.run(tf.compat.v1.global_variables_initializer())
+            session.run(iterator.initializer)
+            while not session.run([train_op, stop])[1]:
+                pass
+            saver.save(session, f"{model_dir}/model", global_step=global_step)
+    reader = tf.train.load_checkpoint(model_dir)
+    return -reader.get_tensor("w"), reader.get_tensor("global_step")
+
+
+def test_a_partly_real_last_step_is_dropped_and_a_restart_trains_nothing_more(tmp_path):
+    # Steps take batches (0, 1), (2, 3), then (4, padding): that step is padding.
+    trained_once = [1.0] * 8 + [0.0] * 2  # ids 8, 9 (batch 4) are dropped
+    trained, step = _train_until_padding(str(tmp_path))
+    np.testing.assert_array_equal(trained, trained_once)
+    assert step == 2
+    # The restart skips 2 * 2 batches and meets the same partial step.
+    trained, step = _train_until_padding(str(tmp_path))
+    np.testing.assert_array_equal(trained, trained_once)
+    assert step == 2
+
+
 # ------------------------------------------------------------ multi-host
 
 
