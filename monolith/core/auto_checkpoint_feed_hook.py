@@ -629,10 +629,10 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             raise tf.errors.OutOfRangeError(None, None, "Stopped by stopping signal.")
         step = session.run(self._global_step) if self._global_step is not None else "?"
         logging.warning(
-            "Training stopped by SIGTERM at step %s (a loop boundary). Every hook's end() "
-            "runs next, so a CheckpointSaverHook writes the final checkpoint at step %s; "
-            "run the same command to resume.",
-            step,
+            "Training stopped by SIGTERM at step %s (a loop boundary). Every hook's end() runs "
+            "next, so the run's CheckpointSaverHook (TPUEstimator always has one) writes the "
+            "final checkpoint at this step; run the same command to resume "
+            "(exit code monolith.core.preemption.RESTART_EXIT_CODE tells a launcher to).",
             step,
         )
         raise tf.errors.OutOfRangeError(None, None, "Stopped by SIGTERM.")
