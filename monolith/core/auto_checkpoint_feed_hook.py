@@ -630,8 +630,8 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         step = session.run(self._global_step) if self._global_step is not None else "?"
         logging.warning(
             "Training stopped by SIGTERM at step %s (a loop boundary). Every hook's end() runs "
-            "next, so the run's CheckpointSaverHook (TPUEstimator always has one) writes the "
-            "final checkpoint at this step; run the same command to resume "
+            "next, so the run's CheckpointSaverHook (TPUEstimator has one unless checkpoints "
+            "are off) writes the final checkpoint at this step; run the same command to resume "
             "(exit code monolith.core.preemption.RESTART_EXIT_CODE tells a launcher to).",
             step,
         )
