@@ -44,6 +44,7 @@ Run: `python benchmarks/feed_hook_overhead.py` (2-3 minutes on 2 cores);
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -379,7 +380,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--step-ms", type=float, default=10.0, help="emulated step time")
     parser.add_argument("--outfeed-ms", type=float, default=5.0, help="host call time per step")
-    parser.add_argument("--only", choices=["overhead", "latency"], default=None)
+    parser.add_argument("--only", choices=["overhead", "latency", "profile"], default=None)
     args = parser.parse_args(argv)
     quick = {"iterations": [10], "rounds": 2, "loops": 10, "warmup": 2, "latency_iterations": [2]}
     full = {"iterations": [10, 100], "rounds": 12, "warmup": 5, "latency_iterations": [4, 10]}
@@ -578,6 +579,49 @@ def _latency_part(args: argparse.Namespace) -> None:
     )
 
 
+# Training-thread functions the profile part reports (file:function).
+_PROFILED = (
+    "monitored_session.py:run",
+    "session.py:run",
+    "auto_checkpoint_feed_hook.py:before_run",
+    "auto_checkpoint_feed_hook.py:_wait_for_outfeed",
+    "_feed_controllers.py:wait_for_finished_loops",
+    "auto_checkpoint_feed_hook.py:_raise_feed_error",
+    "_feed_controllers.py:send_next_batch_signal",
+)
+
+
+def _profile_part(args: argparse.Namespace) -> None:
+    """cProfile of the training thread with our hook, with and without the wait."""
+    import cProfile
+    import pstats
+
+    for ipl in args.iterations:
+        loops = _loops_for(args, ipl)
+        bench = _OverheadBench(ipl)
+        for kind in (OURS, OURS_NO_WAIT):
+            bench.run(kind, warmup=1, loops=1)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            bench.run(kind, warmup=args.warmup, loops=loops)
+            profiler.disable()
+            print(
+                f"3. Profile of the training thread, {kind}, iterations_per_loop {ipl}, "
+                f"{loops} loops (cumulative seconds; the feed threads are part 1b):"
+            )
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("cumulative")
+            shown = set()
+            for (filename, _, func), row in sorted(
+                stats.stats.items(), key=lambda item: -item[1][3]
+            ):
+                where = f"{os.path.basename(filename)}:{func}"
+                if where in _PROFILED and where not in shown:
+                    shown.add(where)
+                    print(f"  {where:48s} calls {row[1]:6d}  cumulative {row[3]:.3f} s")
+            print(flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     setup_tensorflow(args.tf_behavior)
@@ -599,6 +643,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _python_cost_part(args)
     if args.only in (None, "latency"):
         _latency_part(args)
+    if args.only in (None, "profile"):
+        _profile_part(args)
     return 0
 
 
