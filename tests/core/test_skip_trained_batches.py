@@ -215,6 +215,44 @@ def test_a_partly_real_last_step_is_dropped_and_a_restart_trains_nothing_more(tm
     assert step == 2
 
 
+def test_tpu_estimator_resumes_through_its_own_iterator_initialisation(tmp_path):
+    """TPUEstimator(use_tpu=False) trains 3 steps, then a second train() finishes the stream.
+
+    Estimator initialises the input iterator in a hook's after_create_session,
+    after the restore: the second call starts at batch 3. Each step adds its ids
+    to a checkpointed counter; every id ends up trained exactly once.
+    """
+
+    def input_fn(params):
+        dataset = tf.data.Dataset.range(20).batch(2, drop_remainder=True)  # 10 batches
+        return skip_trained_batches(dataset, context=params.get("context"))
+
+    def model_fn(features, labels, mode, params):
+        trained = tf.compat.v1.get_variable(
+            "trained", [20], tf.int64, initializer=tf.compat.v1.zeros_initializer()
+        )
+        weight = tf.compat.v1.get_variable("w", [], tf.float32)
+        loss = tf.square(weight - tf.reduce_mean(tf.cast(features, tf.float32)))
+        optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.1)
+        train_op = tf.group(
+            optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step()),
+            tf.compat.v1.scatter_add(trained, features, tf.ones_like(features)),
+        )
+        return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
+
+    estimator = tpu_estimator.TPUEstimator(
+        model_fn=model_fn,
+        config=tpu_config.RunConfig(model_dir=str(tmp_path)),
+        use_tpu=False,
+        train_batch_size=2,
+    )
+    estimator.train(input_fn, steps=3)
+    np.testing.assert_array_equal(estimator.get_variable_value("trained"), [1] * 6 + [0] * 14)
+    estimator.train(input_fn)  # until the stream ends
+    np.testing.assert_array_equal(estimator.get_variable_value("trained"), [1] * 20)
+    assert estimator.get_variable_value("global_step") == 10
+
+
 # ------------------------------------------------------------ multi-host
 
 
