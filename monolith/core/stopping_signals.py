@@ -28,12 +28,16 @@ from typing import Any, Mapping, Optional, Tuple
 import tensorflow as tf
 
 from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
+from monolith.core.padding_steps import skip_padding_steps
+from monolith.core.trained_batches import skip_trained_batches
 
 __all__ = [
     "USER_PROVIDED_SIGNAL_NAME",
     "_USER_PROVIDED_SIGNAL_NAME",
     "append_stopping_signals",
     "padding_batch",
+    "skip_padding_steps",
+    "skip_trained_batches",
 ]
 
 #: Public alias of the feature name the feed hook reads the stop flag from.
@@ -390,12 +394,3 @@ def _set_batch_dim(structure: Any, batch: int) -> Any:
         return tf.ensure_shape(value, [batch, *value.shape.as_list()[1:]])
 
     return _map_leaves(fix, structure)
-
-
-from monolith.core.padding_steps import skip_padding_steps  # noqa: E402
-
-__all__ += ["skip_padding_steps"]
-
-from monolith.core.trained_batches import skip_trained_batches  # noqa: E402
-
-__all__ += ["skip_trained_batches"]
