@@ -27,7 +27,7 @@ from monolith.core.auto_checkpoint_feed_hook import (
 )
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, append_stopping_signals
-from tests.core._host_call_helpers import read_events
+from tests.core._host_call_helpers import read_events, run_host_call
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,3 +237,18 @@ def test_in_the_tpu_step_the_read_runs_before_the_increment(tmp_path, num_hosts,
     assert all(f"^{seen['read']}" in list(n.input) for n in increments), [
         list(n.input) for n in increments
     ]
+
+
+def test_host_numbers_are_the_read_step_or_the_next_free_number(tmp_path):
+    """Read steps 5, 5, 5, 9, 9, 12 are logged as 5, 6, 7, 9, 10, 12."""
+    logdir = str(tmp_path)
+    with tf.Graph().as_default():
+        tf.compat.v1.train.get_or_create_global_step()
+        host_call = _host_call(logdir)
+        host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
+        host_fn, tensors = host_call.generate_host_call_hook()
+        host_op = host_fn(*tensors)
+        read = host_call._global_step_read[0].outputs[0]
+        run_host_call([host_op], [{read: step} for step in (5, 5, 5, 9, 9, 12)])
+
+    assert _logged_steps(logdir) == [5, 6, 7, 9, 10, 12]
