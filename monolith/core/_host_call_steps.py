@@ -8,9 +8,10 @@ one step landed on the next step's number (a duplicate and a gap).
 
 `global_step_read` makes a fresh read of the global step in the graph (the
 loop body) the model is built in, and `order_before_writers` makes every op
-built after it that takes the global step's handle (or ref) as an input wait
-for it: the optimizer's increment, an `assign`, a `tf.cond` (v2) capturing
-the variable, the v1 `Switch` feeding a cond branch. The read then always
+that takes the global step's handle (or ref) as an input wait for it,
+whether it was built before or after the read: the optimizer's increment,
+an `assign`, a `tf.cond` (v2) capturing the variable, the v1 `Switch`
+feeding a cond branch. The read then always
 sees the global step as it was when the step started: the number of steps
 the global step counted before this one (0 for the first step of a run
 from scratch). Ordering the read before the writers, not after, needs no
@@ -62,13 +63,40 @@ def _same_tensor(a: tf.Tensor, b: tf.Tensor) -> bool:
     return a.op is b.op and a.value_index == b.value_index
 
 
-def order_before_writers(read_op: tf.Operation, source: tf.Tensor) -> List[tf.Operation]:
-    """Makes every op built after `read_op` that takes `source` as input wait for `read_op`.
+def _ancestors(op: tf.Operation) -> set:
+    """`op` and every op it depends on, through data and control inputs."""
+    seen = {op}
+    stack = [op]
+    while stack:
+        current = stack.pop()
+        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
 
-    Only ops of the same graph and the same while loop are ordered (a control
-    edge into another loop frame is invalid). `read_op` has no input but
-    `source`, which was built before it, so the added edges cannot form a
-    cycle.
+
+# Ops that take a variable's handle or ref only to inspect it.
+_INSPECTING_OP_TYPES = frozenset(
+    {"IsVariableInitialized", "ReadVariableOp", "VarIsInitializedOp", "VariableShape"}
+)
+
+
+def _variable_initializers(graph: tf.Graph) -> set:
+    variables = graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
+    variables += graph.get_collection(tf.compat.v1.GraphKeys.LOCAL_VARIABLES)
+    return {v.initializer for v in variables if getattr(v, "initializer", None) is not None}
+
+
+def order_before_writers(read_op: tf.Operation, source: tf.Tensor) -> List[tf.Operation]:
+    """Makes every op that takes `source` as input wait for `read_op`.
+
+    The train op may be built before the host call reads the global step
+    (the usual order in a model_fn) or after it: every op of the same graph
+    and the same while loop that takes `source` is ordered (a control edge
+    into another loop frame is invalid), except the ops `read_op` itself
+    depends on (the edge would close a cycle), variable initializers and ops
+    that only inspect the variable.
 
     Returns:
       The ops that now wait for the read (empty if none takes `source`, e.g.
@@ -76,9 +104,11 @@ def order_before_writers(read_op: tf.Operation, source: tf.Tensor) -> List[tf.Op
     """
     graph = read_op.graph
     frame = _while_context(read_op)
+    # Variable initializers and initialization checks must run before any read.
+    skip = _ancestors(read_op) | _variable_initializers(graph)
     ordered = []
     for op in graph.get_operations():
-        if op._id <= read_op._id:  # pylint: disable=protected-access
+        if op in skip or op.type in _INSPECTING_OP_TYPES:
             continue
         if not any(_same_tensor(t, source) for t in op.inputs):
             continue
@@ -93,8 +123,8 @@ def order_before_writers(read_op: tf.Operation, source: tf.Tensor) -> List[tf.Op
         )
     else:
         logging.warning(
-            "No op writes the global step after the host call read it (%s): build the train "
-            "op before generate_host_call_hook(), or the logged step numbers can race with "
+            "No op writes the global step the host call read (%s): build the train op "
+            "before generate_host_call_hook(), or the logged step numbers can race with "
             "the optimizer's increment",
             read_op.name,
         )

@@ -57,7 +57,6 @@ class BaseHostCall:
         # the packed `[1, sum k_i]` tensors, one per dtype.
         self._tensors: List[tf.Tensor] = []
         # Sizes of the members of each packed tensor, as in the original.
-        self._lists_tensor_sizes: List[List[int]] = []
         self._sizes: List[int] = []
         self._packing: Optional[Tuple[_host_call_layout.PackedGroup, ...]] = None
         # The global-step read and what it reads from, ordered before the
@@ -138,7 +137,6 @@ class BaseHostCall:
             members = [self._tensors[i] for i in group.positions]
             tensor = tf.expand_dims(tf.concat(members, axis=0), axis=0)
             packed.append(tensor)
-            self._lists_tensor_sizes.append(list(group.sizes))
             logging.info(
                 "Host call compressed %d tensors of dtype %s into shape %s",
                 len(members),

@@ -95,7 +95,7 @@ def test_compress_packs_one_row_per_dtype(graph):
         tf.float64: [1, 2],  # weights
     }
     assert host_call._tensors[0].dtype == tf.int64  # the global step's dtype first
-    assert host_call._lists_tensor_sizes == [[1, 1], [1, 2], [3, 1], [2]]
+    assert [list(g.sizes) for g in host_call._packing] == [[1, 1], [1, 2], [3, 1], [2]]
 
 
 @pytest.mark.parametrize("num_replicas", [1, 3])

@@ -59,8 +59,6 @@ def _make_model_fn(skip_padding=False, record_flag=False):
     def model_fn(features, labels, mode, params):
         weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
         loss = tf.reduce_mean(tf.square(tf.reduce_sum(features["x"] * weights, -1) - labels))
-        host_call = _host_call(params["model_dir"])
-        host_call.record_summary_tensor("loss_avg", loss)
         global_step = tf.compat.v1.train.get_global_step()
         optimizer = tf.compat.v1.train.GradientDescentOptimizer(1e-3)
         if skip_padding:
@@ -74,6 +72,9 @@ def _make_model_fn(skip_padding=False, record_flag=False):
                 )
         else:
             train_op = optimizer.minimize(loss, global_step)
+        # Built after the train op, as in README's model_fn.
+        host_call = _host_call(params["model_dir"])
+        host_call.record_summary_tensor("loss_avg", loss)
         if record_flag:
             host_call.record_summary_tensor("stopping_signals", features[USER_PROVIDED_SIGNAL_NAME])
         return tpu_estimator.TPUEstimatorSpec(
@@ -94,14 +95,21 @@ def _describe(steps):
     return f"duplicates {duplicates}, gaps {gaps}"
 
 
-def test_the_global_step_read_runs_before_the_optimizer_increments_it():
+@pytest.mark.parametrize(
+    "host_call_first", [True, False], ids=["host_call_first", "train_op_first"]
+)
+def test_the_global_step_read_runs_before_the_optimizer_increments_it(host_call_first):
+    # README builds the train op first, then the host call: both orders work.
     with tf.Graph().as_default():
         global_step = tf.compat.v1.train.get_or_create_global_step()
         weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
         loss = tf.reduce_sum(tf.square(weights - 1.0))
-        host_call = _host_call("/tmp/unused")
-        host_call.record_summary_tensor("loss_avg", loss)
+        if host_call_first:
+            host_call = _host_call("/tmp/unused")
         tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(loss, global_step)
+        if not host_call_first:
+            host_call = _host_call("/tmp/unused")
+        host_call.record_summary_tensor("loss_avg", loss)
         host_call.generate_host_call_hook()
 
         read_op = host_call._global_step_read[0]
