@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(180)
 IPL = 5
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# In the behaviour under test, trains a stream far longer than the test; prints the global step after each loop.
+# In the behaviour under test, trains a stream far longer than the test and prints
+# the global step after each loop.
 # argv: model_dir, then "self STEP" (send SIGTERM to itself after the loop ending at
 # STEP) or "wait" (the test sends it).
 _CHILD = f"""
