@@ -13,7 +13,9 @@ all under `tf.compat.v1.train.MonitoredSession` with TPUEstimator's own
    `TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook` and with
    tensorflow-estimator's stock `TPUInfeedOutfeedSessionHook`, each built with
    the same ops, a real `ErrorRendezvous` and `testing.FakeTPUContext` (both
-   then skip TPU initialisation). A round runs ours, stock and stock again
+   then skip TPU initialisation). A round runs ours, ours without
+   `before_run`'s wait for the outfeed thread ("no-wait": what the
+   stop-latency floor costs), stock and stock again
    (order rotating), each timing `loops` loops after `warmup` loops, from the
    first timed loop until the hook's `end()` has joined its feed threads (the
    stock outfeed thread may lag behind the loop; the emulated outfeed queue
@@ -37,7 +39,11 @@ all under `tf.compat.v1.train.MonitoredSession` with TPUEstimator's own
    last step after `session.run` has returned. Reported: padding steps
    trained after the end of the stream.
 
-Run: `python benchmarks/feed_hook_overhead.py` (2-3 minutes on 2 cores);
+3. Profile (full runs, or `--only profile`): cProfile of the training thread
+   with our hook and its no-wait variant: how long `before_run` and its wait
+   for the outfeed thread take per loop.
+
+Run: `python benchmarks/feed_hook_overhead.py` (5-6 minutes on 2 cores);
 `--quick` for a smoke run; `--help` for the sizes.
 """
 
@@ -434,12 +440,13 @@ def _overhead_part(args: argparse.Namespace) -> None:
                 f"{median(outfed[STOCK]) * 1e3:.2f}",
                 summary(cpu, OURS),
                 summary(cpu, OURS_NO_WAIT),
-                summary(cpu, STOCK_AGAIN),
-                summary(outfed, OURS),
-                summary(outfed, OURS_NO_WAIT),
-                summary(outfed, STOCK_AGAIN),
+                f"{median(_ratios(cpu, STOCK_AGAIN)):.3f}",
+                f"{median(_ratios(outfed, OURS)):.3f}",
+                f"{median(_ratios(outfed, OURS_NO_WAIT)):.3f}",
+                f"{median(_ratios(outfed, STOCK_AGAIN)):.3f}",
                 f"{median(_ratios(found['trained'], OURS)):.3f}",
                 f"{wait_mean * 1e3:.3f} ({wait_mean / median(outfed[OURS]):.1%})",
+                summary(outfed, OURS),
             ]
         )
     print_table(
@@ -456,6 +463,7 @@ def _overhead_part(args: argparse.Namespace) -> None:
             "wall stock again/stock (A/A)",
             "train-only wall ours/stock",
             "ours: before_run wait ms/loop",
+            "wall ours/stock median (min - max)",
         ],
         rows,
     )
@@ -631,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.tf_behavior,
         [
             f"overhead: iterations_per_loop {args.iterations}, {args.rounds} rounds of "
-            "(ours, stock, stock again) in rotating order, "
+            "(ours, ours no-wait, stock, stock again) in rotating order, "
             f"timed loops per round {{{loops}}} after {args.warmup} warm-up loops; linear "
             f"model, batch {BATCH}x{FEATURES}, endless input, outfeed every step",
             f"stop latency: iterations_per_loop {args.latency_iterations}, step "
@@ -643,7 +651,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _python_cost_part(args)
     if args.only in (None, "latency"):
         _latency_part(args)
-    if args.only in (None, "profile"):
+    if args.only == "profile" or (args.only is None and not args.quick):
         _profile_part(args)
     return 0
 

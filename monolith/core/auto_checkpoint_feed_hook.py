@@ -645,17 +645,28 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         raise tf.errors.OutOfRangeError(None, None, "Stopped by SIGTERM.")
 
     def before_run(self, run_context: Any) -> None:
-        """Stops at end of stream or after SIGTERM, else sends the next loop size to the threads."""
+        """Stops at end of stream or after SIGTERM, else sends the next loop size to the threads.
+
+        The loop size is read first, while the outfeed thread may still be
+        finishing the previous loop: the read (a `session.run`) then overlaps
+        the wait instead of following it. Only the training thread changes the
+        variable, so the value is the same either way.
+        """
         state = self._session
+        session = run_context.session
+        try:
+            iterations = session.run(self._iterations_per_loop_var)
+        except Exception:
+            self._raise_feed_error()  # A feed error closes the session: raise the root cause.
+            raise
         if self._expects_stopping_signal and state.loops_sent:
             self._wait_for_outfeed(state.loops_sent)
         self._raise_feed_error()
         if state.stop_event.is_set():
-            self._stop_training(run_context.session, preemption.StopReason.END_OF_STREAM)
+            self._stop_training(session, preemption.StopReason.END_OF_STREAM)
         if self._sigterm_received():
-            self._stop_training(run_context.session, preemption.StopReason.SIGTERM)
+            self._stop_training(session, preemption.StopReason.SIGTERM)
 
-        iterations = run_context.session.run(self._iterations_per_loop_var)
         logging.debug("Enqueue next (%d) batch(es) of data to infeed.", iterations)
         state.infeed.send_next_batch_signal(iterations)
         logging.debug("Dequeue next (%d) batch(es) of data from outfeed.", iterations)

@@ -25,11 +25,15 @@ pytestmark = pytest.mark.timeout(180)
 IPL = 5
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Trains a stream far longer than the test; prints the global step after each loop.
+# In the behaviour under test, trains a stream far longer than the test and prints
+# the global step after each loop.
 # argv: model_dir, then "self STEP" (send SIGTERM to itself after the loop ending at
 # STEP) or "wait" (the test sends it).
 _CHILD = f"""
 import os, signal, sys
+import tensorflow as tf
+if os.environ.get("MONOLITH_TF_BEHAVIOR") == "v1":
+    tf.compat.v1.disable_v2_behavior()
 from monolith.core import preemption, testing
 from tests.core._feed_hook_helpers import counting_model_fn, padded_stream_fn
 
