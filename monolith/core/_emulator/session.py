@@ -19,6 +19,7 @@ from absl import logging
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 from tensorflow_estimator.python.estimator.tpu import util as _tpu_util
 
+from monolith.core import preemption
 from monolith.core._emulator import graph
 from monolith.core._emulator.options import RunOptions, check_positive_int
 from monolith.core._emulator.results import EmulatedTPUTraining, TrainResult
@@ -82,15 +83,10 @@ def _stopped_at_end_of_stream(feed_hook: Any) -> bool:
     """Whether the feed hook stopped training because the stream ended.
 
     The feed hook also stops on SIGTERM through the same path (`stopping_signal`
-    and OutOfRangeError); `monolith.core.preemption.last_stop_reason()` tells
-    the two apart where that module exists.
+    and OutOfRangeError); `preemption.last_stop_reason()` tells the two apart.
     """
     if not getattr(feed_hook, "stopping_signal", False):
         return False
-    try:
-        from monolith.core import preemption
-    except ImportError:  # a feed hook without the SIGTERM stop
-        return True
     return preemption.last_stop_reason() is not preemption.StopReason.SIGTERM
 
 
