@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-import numpy as np
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator
 
@@ -38,37 +37,85 @@ NUM_UID_BUCKETS = 100
 # Outside every sampled bucket: padding examples never reach the AUC.
 UNSAMPLED_UID_BUCKET = 1_000
 FIRST_REQ_TIME = 1_700_000_000
+# Examples drawn per stateless op call (see `synthetic_click_log`).
+EXAMPLES_PER_BLOCK = 1_024
 EXAMPLES_TRAINED = "examples_trained"
 
 
-def synthetic_click_log(
-    num_examples: int, seed: int = 0
-) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
-    """Deterministic (features, labels) of a click log with learnable structure.
+def _hidden_click_model(seed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The generator's own user biases, item biases and dense weights.
+
+    Keyed by `(seed, -1)`, which no block of examples uses (their keys are
+    `(seed, block)` with `block >= 0`), so the truth is independent of the data.
+    """
+    user_key, item_key, dense_key = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([seed, tf.constant(-1, tf.int64)]), 3)
+    )
+    return (
+        tf.random.stateless_normal([NUM_USERS], user_key),
+        tf.random.stateless_normal([NUM_ITEMS], item_key),
+        tf.random.stateless_normal([NUM_DENSE], dense_key, stddev=0.5),
+    )
+
+
+def _example_block(seed: tf.Tensor, block: tf.Tensor) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+    """Examples `block * EXAMPLES_PER_BLOCK ...` of the click log, a function of `(seed, block)`."""
+    user_bias, item_bias, dense_weights = _hidden_click_model(seed)
+    user_key, item_key, dense_key, click_key = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([seed, block]), 4)
+    )
+    shape = [EXAMPLES_PER_BLOCK]
+    user_id = tf.random.stateless_uniform(shape, user_key, 0, NUM_USERS, dtype=tf.int64)
+    item_id = tf.random.stateless_uniform(shape, item_key, 0, NUM_ITEMS, dtype=tf.int64)
+    dense = tf.random.stateless_normal(shape + [NUM_DENSE], dense_key)
+    logits = (
+        tf.gather(user_bias, user_id)
+        + tf.gather(item_bias, item_id)
+        + tf.linalg.matvec(dense, dense_weights)
+        - 1.0
+    )
+    clicked = tf.random.stateless_uniform(shape, click_key) < tf.sigmoid(logits)
+    features = {
+        "user_id": user_id,
+        "item_id": item_id,
+        "dense": dense,
+        "uid_bucket": tf.cast(user_id % NUM_UID_BUCKETS, tf.int32),
+        "req_time": FIRST_REQ_TIME
+        + block * EXAMPLES_PER_BLOCK
+        + tf.range(EXAMPLES_PER_BLOCK, dtype=tf.int64),
+    }
+    return features, tf.cast(clicked, tf.float32)
+
+
+def synthetic_click_log(num_examples: int, seed: int = 0) -> tf.data.Dataset:
+    """A deterministic click log of `num_examples` (features, label) examples, made in-graph.
 
     A click's log-odds are a hidden user bias plus item bias plus a linear
     function of the dense features, so a model that learns the embeddings and
-    weights ranks clicks well (AUC near the generator's own, about 0.8).
+    weights ranks clicks well (the generator's own logits score an AUC of 0.88
+    on the default stream).
+
+    Nothing is stored in the graph but the generator: example `i` is row
+    `i % EXAMPLES_PER_BLOCK` of a block drawn by stateless random ops keyed by
+    `(seed, i // EXAMPLES_PER_BLOCK)`. So the graph, checkpoints and event
+    files are the same size for any `num_examples`; the same seed gives the
+    same stream, whatever the batch size, and a shorter stream is a prefix of
+    a longer one. Blocks (not one op per example) keep generation fast: one
+    stateless op per example would cost more than the training step.
+
+    Raises:
+      ValueError: `num_examples` is not a positive int.
+      TypeError: `seed` is not an int.
     """
-    if num_examples <= 0:
-        raise ValueError(f"num_examples={num_examples!r} must be positive.")
-    rng = np.random.RandomState(seed)
-    user_bias = rng.normal(0.0, 1.0, NUM_USERS)
-    item_bias = rng.normal(0.0, 1.0, NUM_ITEMS)
-    dense_weights = rng.normal(0.0, 0.5, NUM_DENSE)
-    user_id = rng.randint(0, NUM_USERS, num_examples)
-    item_id = rng.randint(0, NUM_ITEMS, num_examples)
-    dense = rng.normal(0.0, 1.0, (num_examples, NUM_DENSE)).astype(np.float32)
-    logits = user_bias[user_id] + item_bias[item_id] + dense @ dense_weights - 1.0
-    labels = (rng.uniform(size=num_examples) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-    features = {
-        "user_id": user_id.astype(np.int64),
-        "item_id": item_id.astype(np.int64),
-        "dense": dense,
-        "uid_bucket": (user_id % NUM_UID_BUCKETS).astype(np.int32),
-        "req_time": FIRST_REQ_TIME + np.arange(num_examples, dtype=np.int64),
-    }
-    return features, labels
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+        raise ValueError(f"num_examples={num_examples!r} must be a positive int.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r} must be an int.")
+    num_blocks = -(-num_examples // EXAMPLES_PER_BLOCK)
+    blocks = tf.data.Dataset.range(num_blocks).map(
+        lambda block: _example_block(tf.constant(seed, tf.int64), block)
+    )
+    return blocks.unbatch().take(num_examples)
 
 
 def input_fn(params: Mapping[str, Any]) -> tf.data.Dataset:
@@ -77,8 +124,7 @@ def input_fn(params: Mapping[str, Any]) -> tf.data.Dataset:
     The last partial batch is dropped (TPUs need static shapes); padding
     batches carry the stop signal, which ends training after the real ones.
     """
-    features, labels = synthetic_click_log(params["num_examples"], params.get("seed", 0))
-    dataset = tf.data.Dataset.from_tensor_slices((features, labels))
+    dataset = synthetic_click_log(params["num_examples"], params.get("seed", 0))
     dataset = dataset.batch(params["batch_size"], drop_remainder=True)
     return append_stopping_signals(dataset).prefetch(2)
 
