@@ -387,3 +387,8 @@ def _set_batch_dim(structure: Any, batch: int) -> Any:
         return tf.ensure_shape(value, [batch, *value.shape.as_list()[1:]])
 
     return _map_leaves(fix, structure)
+
+
+from monolith.core.trained_batches import skip_trained_batches  # noqa: E402
+
+__all__ += ["skip_trained_batches"]
