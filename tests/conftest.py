@@ -5,6 +5,7 @@ after `tf.compat.v1.disable_v2_behavior()`; the default is TF2 behaviour.
 """
 
 import os
+import signal
 
 import pytest
 
@@ -57,3 +58,12 @@ def no_feed_thread_outlives_its_test():
     alive = live_feed_threads(wait_secs=_FEED_THREAD_GRACE_SECS)
     if alive:
         pytest.fail(f"feed threads still alive {_FEED_THREAD_GRACE_SECS} s after the test: {alive}")
+
+
+@pytest.fixture(autouse=True)
+def sigterm_handler_is_put_back():
+    """Puts back the SIGTERM handler a test's feed hook may leave (a run without end())."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    if signal.getsignal(signal.SIGTERM) is not before:
+        signal.signal(signal.SIGTERM, before)

@@ -16,6 +16,9 @@ outlive a failed training run:
   does not run).
 * `_OpQueueContext.join` takes an optional timeout and reports whether the
   thread finished, so the hook's `end()` can never wait forever.
+
+`FeedController` is the contract between the hook and a controller, so that a
+subclass's `_create_infeed_controller` may return any implementation of it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,41 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 from absl import logging
 
 # How often a controller waiting for its next loop size checks its coordinator.
 _POLL_SECS = 0.1
+
+
+@runtime_checkable
+class FeedController(Protocol):
+    """What the hook needs from a feed-thread controller.
+
+    The controller owns one thread, started at construction, running the
+    hook's thread body with the controller as its first argument; that body
+    iterates `read_iteration_counts()` on the controller's thread. The hook's
+    training thread calls `send_next_batch_signal` once per loop and `join`
+    at the end (and when a session is replaced).
+    """
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The controller's thread (for liveness checks and stack dumps)."""
+        ...
+
+    def send_next_batch_signal(self, iterations: int) -> None:
+        """Queues one loop of `iterations` steps for the thread."""
+        ...
+
+    def read_iteration_counts(self) -> Iterator[int]:
+        """Yields the queued loop sizes until stopped (called on the controller's thread)."""
+        ...
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Asks the thread to stop, waits up to `timeout` s; returns whether it finished."""
+        ...
 
 
 class PeriodicLogger:

@@ -14,19 +14,23 @@ Which method runs what, on which thread:
 
 * `begin()` (graph building): gets/creates the `iterations_per_loop` variable,
   the TPU shutdown op and the summary-writer initializers and flushes.
-* `after_create_session()` (training thread): initialises the TPU system in a
-  fresh graph, runs the init ops, optionally compiles, then starts two daemon
-  threads: "InfeedController" runs `enqueue_ops`, "OutfeedController" runs
-  `dequeue_ops` and watches for the stopping signal.
+* `after_create_session()` (training thread, once per session): retires the
+  previous session's state and joins its threads, initialises the TPU system
+  in a fresh graph, runs the init ops, optionally compiles, then starts two
+  daemon threads holding the new session's state: "InfeedController" runs
+  `enqueue_ops`, "OutfeedController" runs `dequeue_ops` and watches for the
+  stopping signal. The first call also installs the SIGTERM stop
+  (`monolith.core.preemption`; main thread only).
 * `before_run()` (training thread, once per `session.run(train_op)`, i.e. per
   loop of `iterations_per_loop` steps): waits until the outfeed thread has
   finished the previous loop, raises a feed thread's recorded error, raises
   `tf.errors.OutOfRangeError` once the stopping signal was seen (MonitoredSession
   treats that as a normal end, so every hook's `end()` runs and
-  `CheckpointSaverHook` writes the final checkpoint), else hands the next loop
-  size to both threads.
-* `end()` (training thread): joins both threads with a bounded wait, marks them
-  done in the rendezvous, flushes summary writers and shuts the TPU down.
+  `CheckpointSaverHook` writes the final checkpoint), raises the same after a
+  SIGTERM, else hands the next loop size to both threads.
+* `end()` (training thread): restores the SIGTERM handler, joins each thread
+  for at most `join_timeout_secs`, marks them done in the rendezvous, flushes
+  summary writers and shuts the TPU down.
 
 Stop latency: because `before_run` waits for the outfeed thread, training stops
 after the loop that held the first padding batch: at most `iterations_per_loop`
@@ -45,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import logging as std_logging
+import math
+import numbers
 import os
 import sys
 import threading
@@ -60,8 +66,10 @@ from tensorflow.python.ops import summary_ops_v2
 from tensorflow.python.tpu import session_support
 from tensorflow_estimator.python.estimator.tpu import error_handling, tpu_config
 
+from monolith.core import preemption
 from monolith.core._feed_controllers import (
     _SIGNAL,
+    FeedController,
     PeriodicLogger,
     _OpQueueContext,
     _OpSignalOnceQueueContext,
@@ -70,6 +78,7 @@ from monolith.core._feed_controllers import (
 from monolith.core._tpu_context import enclosing_tpu_context
 
 __all__ = [
+    "FeedController",
     "PeriodicLogger",
     "TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook",
     "_ITERATIONS_PER_LOOP_VAR",
@@ -140,6 +149,64 @@ def _watchdog_timeout_from_env() -> int:
         raise ValueError(f"{_WATCHDOG_ENV}={raw!r} is not an integer number of seconds.") from None
 
 
+class _SessionState:
+    """What one training session's feed threads and hook calls share.
+
+    `after_create_session` creates one per session and passes it to that
+    session's threads; the hook keeps only a reference to the current one. When
+    MonitoredSession recreates the session (it recovers from AbortedError or
+    UnavailableError without calling `end()`), the previous state is retired
+    and its threads joined: a late thread of the old session can then only
+    touch its own, retired state (its stop flag, its failures), never the new
+    session's, and it records no error in the rendezvous.
+    """
+
+    def __init__(self, coord: Any):
+        self.coord = coord
+        self.stop_event = threading.Event()
+        self.loops_sent = 0
+        self.infeed: Optional[FeedController] = None
+        self.outfeed: Optional[_OpQueueContext] = None
+        # One per session, so its rate limit holds across before_run calls.
+        self.waiting_logger = PeriodicLogger(seconds=60)
+        self._retired = threading.Event()
+        self._lock = threading.Lock()
+        self._failed_sources: set = set()
+
+    def retire(self) -> None:
+        """Marks the session replaced: its threads stop at their next check."""
+        self._retired.set()
+
+    def coordinator_stopped(self) -> bool:
+        """True once the session's coordinator stopped or the session was retired."""
+        coord = self.coord
+        return self._retired.is_set() or (coord is not None and coord.should_stop())
+
+    def record_failure(self, source: str) -> None:
+        with self._lock:
+            self._failed_sources.add(source)
+
+    def failed_sources(self) -> list:
+        with self._lock:
+            return sorted(self._failed_sources)
+
+    def controllers(self) -> tuple:
+        """The (infeed, outfeed) controllers that were started (None where not)."""
+        return self.infeed, self.outfeed
+
+
+def _check_join_timeout(value: Any) -> float:
+    """Validates `join_timeout_secs`: a finite positive number of seconds (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"join_timeout_secs={value!r} must be a number of seconds (int or float), "
+            f"not {type(value).__name__}."
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"join_timeout_secs={value!r} must be a finite positive number.")
+    return float(value)
+
+
 class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.SessionRunHook):
     """Initialises/shuts down the TPU, runs infeed and outfeed threads, stops at end of stream.
 
@@ -184,8 +251,7 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             raise TypeError(f"outfeed_every_n_steps={outfeed_every_n_steps!r} must be an int.")
         if outfeed_every_n_steps < 1:
             raise ValueError(f"outfeed_every_n_steps={outfeed_every_n_steps!r} must be >= 1.")
-        if not join_timeout_secs or join_timeout_secs <= 0:
-            raise ValueError(f"join_timeout_secs={join_timeout_secs!r} must be a positive number.")
+        join_timeout_secs = _check_join_timeout(join_timeout_secs)
 
         self._master_job = ctx.master_job
         self._enqueue_ops = enqueue_ops
@@ -197,7 +263,6 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         self._master = master
         self._session_config = session_config
         self._tpu_init_ops = list(tpu_init_ops or [])
-        self._init_ops = list(self._tpu_init_ops)
         if ctx.embedding_config is None:
             self._embedding_layer_config = None
         else:
@@ -213,21 +278,19 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             is tpu_config.InputPipelineConfig.BROADCAST
         )
         self._outfeed_every_n_steps = outfeed_every_n_steps
-        self._join_timeout_secs = float(join_timeout_secs)
+        self._join_timeout_secs = join_timeout_secs
 
         # Only when the outfeed carries the signal does before_run wait for it.
         self._expects_stopping_signal = (
             isinstance(dequeue_ops, Mapping) and _USER_PROVIDED_SIGNAL_NAME in dequeue_ops
         )
-        self._stopping_event = threading.Event()
-        self._state_lock = threading.Lock()
-        self._failed_sources: set = set()
-        self._coord: Any = None
-        self._loops_sent = 0
-        self._infeed_controller: Any = None
-        self._outfeed_controller: Any = None
+        # Replaced by after_create_session; this one only backs `stopping_signal`
+        # before the first session.
+        self._session = _SessionState(coord=None)
+        self._sigterm: Optional[preemption.SigtermWatcher] = None
+        self._global_step: Optional[tf.Tensor] = None
+        self._init_ops: list = []
         self._finalize_ops: list = []
-        self.stopping_signal = False
 
     # -- public state ---------------------------------------------------------
 
@@ -235,17 +298,18 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
     def stopping_signal(self) -> bool:
         """True once the outfeed thread has seen the end of the stream.
 
-        Written by the outfeed thread, read by `before_run` on the training
-        thread; backed by a `threading.Event`, so it is safe without the GIL.
+        Written by the current session's outfeed thread, read by `before_run`
+        on the training thread; backed by that session's `threading.Event`, so
+        a recreated session starts with it False.
         """
-        return self._stopping_event.is_set()
+        return self._session.stop_event.is_set()
 
     @stopping_signal.setter
     def stopping_signal(self, value: bool) -> None:
         if value:
-            self._stopping_event.set()
+            self._session.stop_event.set()
         else:
-            self._stopping_event.clear()
+            self._session.stop_event.clear()
 
     @property
     def rendezvous(self) -> error_handling.ErrorRendezvous:
@@ -298,6 +362,8 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
     def begin(self) -> None:
         """Creates the loop-size variable, TPU shutdown and summary flush ops."""
         logging.info("TPU job name %s", self._master_job)
+        preemption._set_last_stop_reason(None)
+        self._global_step = tf.compat.v1.train.get_global_step()
         self._iterations_per_loop_var = self._create_or_get_iterations_per_loop()
         if self._should_initialize_tpu:
             self._finalize_ops = [tf.compat.v1.tpu.shutdown_system(job=self._master_job)]
@@ -311,23 +377,20 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
 
     # -- feed threads ---------------------------------------------------------
 
-    def _coordinator_stopped(self) -> bool:
-        coord = self._coord
-        return coord is not None and coord.should_stop()
-
     @contextlib.contextmanager
-    def _catch_feed_errors(self, source: str, session: Any) -> Iterator[None]:
+    def _catch_feed_errors(self, source: str, session: Any, state: _SessionState) -> Iterator[None]:
         """Records a feed thread's error in the rendezvous (runs on that thread).
 
-        An error raised after the coordinator was asked to stop is a consequence
-        of the shutdown (closed or cancelled session), not a root cause: it is
-        logged and not recorded, so it cannot hide the error that stopped training.
+        An error raised after the coordinator was asked to stop (or after the
+        session was replaced) is a consequence of the shutdown (closed or
+        cancelled session), not a root cause: it is logged and not recorded,
+        so it cannot hide the error that stopped training.
         """
         try:
             yield
         except Exception:
             exc_info = sys.exc_info()
-            if self._coordinator_stopped():
+            if state.coordinator_stopped():
                 logging.warning(
                     "%s thread stopped by an error during shutdown (not recorded): %s",
                     source,
@@ -335,16 +398,16 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
                 )
                 return
             logging.error("%s thread failed: %r", source, exc_info[1])
-            with self._state_lock:
-                self._failed_sources.add(source)
+            state.record_failure(source)
             self._rendezvous.record_error(source, exc_info, session)
 
-    def _run_infeed(self, queue_ctx: Any, session: Any) -> None:
+    def _run_infeed(self, queue_ctx: FeedController, session: Any, state: _SessionState) -> None:
         """Infeed thread body: runs `enqueue_ops` for each loop it is sent.
 
-        The per-step body is kept to the `session.run` and a coordinator check
-        (debug logging is decided once per loop): it runs `iterations_per_loop`
-        times per training loop and competes with the other threads for the GIL.
+        The per-step body is kept to the `session.run` and a check of the
+        session's stop (debug logging is decided once per loop): it runs
+        `iterations_per_loop` times per training loop and competes with the
+        other threads for the GIL.
         """
         logging.info("Starting infeed thread controller.")
         if self._initial_infeed_sleep_secs:
@@ -352,8 +415,8 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             time.sleep(self._initial_infeed_sleep_secs)
             logging.info("Infeed thread starting after sleep")
         run, enqueue_ops = session.run, self._enqueue_ops
-        stopped = self._coordinator_stopped
-        with self._catch_feed_errors("infeed", session):
+        stopped = state.coordinator_stopped
+        with self._catch_feed_errors("infeed", session, state):
             if self._run_infeed_loop_on_coordinator:
                 for count, steps in enumerate(queue_ctx.read_iteration_counts()):
                     debug = _debug_enabled()
@@ -369,20 +432,20 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
                     run(enqueue_ops)
             logging.info("Infeed thread finished, shutting down.")
 
-    def _run_outfeed(self, queue_ctx: Any, session: Any) -> None:
+    def _run_outfeed(self, queue_ctx: FeedController, session: Any, state: _SessionState) -> None:
         """Outfeed thread body: runs `dequeue_ops`, watches for the stopping signal.
 
-        The flag is set after the whole loop was dequeued and before the thread
-        asks for the next loop size, which is what `before_run` waits for. Like
-        the infeed body, the per-step work is kept minimal; once the signal was
-        seen, later results are not inspected.
+        The session's stop flag is set after the whole loop was dequeued and
+        before the thread asks for the next loop size, which is what
+        `before_run` waits for. Like the infeed body, the per-step work is kept
+        minimal; once the signal was seen, later results are not inspected.
         """
         logging.info("Starting outfeed thread controller.")
         status_logger = PeriodicLogger(seconds=60)
         run, dequeue_ops = session.run, self._dequeue_ops
-        stopped = self._coordinator_stopped
+        stopped = state.coordinator_stopped
         every_n = self._outfeed_every_n_steps
-        with self._catch_feed_errors("outfeed", session):
+        with self._catch_feed_errors("outfeed", session, state):
             seen_stop = False
             for count, steps in enumerate(queue_ctx.read_iteration_counts()):
                 debug = _debug_enabled()
@@ -396,39 +459,41 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
                     if not seen_stop and _stopping_value(ret):
                         seen_stop = True
                         logging.info("Encountered stop signal at iteration (%d, %d).", count, i)
-                    status_logger.log("Outfeed finished for iteration (%d, %d)", count, i)
-                if seen_stop and not self.stopping_signal:
+                status_logger.log("Outfeed finished loop %d (%d steps)", count, steps)
+                if seen_stop and not state.stop_event.is_set():
                     logging.info("Set shared stop signal after loop %d.", count)
-                    self.stopping_signal = True
+                    state.stop_event.set()
             logging.info("Outfeed thread finished, shutting down.")
 
-    def _create_infeed_controller(self, name: str, target: Any, args: Sequence[Any]) -> Any:
-        """Factory for the infeed controller (subclasses may return another kind)."""
-        return _OpQueueContext(name=name, target=target, args=args, coord=self._coord)
+    def _create_infeed_controller(
+        self, name: str, target: Any, args: Sequence[Any]
+    ) -> FeedController:
+        """Factory for the infeed controller; a subclass may return another `FeedController`.
 
-    def _start_controllers(self, session: Any, coord: Any) -> None:
-        self._infeed_controller = self._create_infeed_controller(
-            name="InfeedController", target=self._run_infeed, args=(session,)
+        `args` ends with the session's state; the default controller also stops
+        waiting for work once that session's coordinator stops.
+        """
+        return _OpQueueContext(name=name, target=target, args=args, coord=self._session.coord)
+
+    def _start_controllers(self, session: Any, state: _SessionState) -> None:
+        state.infeed = self._create_infeed_controller(
+            name="InfeedController", target=self._run_infeed, args=(session, state)
         )
-        if hasattr(self._infeed_controller, "watch_coordinator"):
-            self._infeed_controller.watch_coordinator(coord)
-        self._outfeed_controller = _OpQueueContext(
-            name="OutfeedController", target=self._run_outfeed, args=(session,), coord=coord
+        state.outfeed = _OpQueueContext(
+            name="OutfeedController",
+            target=self._run_outfeed,
+            args=(session, state),
+            coord=state.coord,
         )
 
-    def _join_controller(self, controller: Any) -> bool:
+    def _join_controller(self, controller: FeedController) -> bool:
         """Stops and joins one controller for at most `join_timeout_secs`.
 
         Returns whether the thread finished; a stuck thread's stack is logged.
         """
-        thread = controller._thread
-        if isinstance(controller, _OpQueueContext):
-            finished = controller.join(timeout=self._join_timeout_secs)
-        else:
-            controller.stop()
-            thread.join(self._join_timeout_secs)
-            finished = not thread.is_alive()
+        finished = controller.join(timeout=self._join_timeout_secs)
         if not finished:
+            thread = controller.thread
             logging.error(
                 "Feed thread %s did not finish within %.1f s; shutting down without it. "
                 "Its stack:\n%s",
@@ -438,10 +503,31 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             )
         return finished
 
-    def _stop_controllers(self) -> None:
-        for controller in (self._infeed_controller, self._outfeed_controller):
+    def _stop_controllers(self, state: _SessionState) -> None:
+        for controller in state.controllers():
             if controller is not None:
                 self._join_controller(controller)
+
+    # -- SIGTERM --------------------------------------------------------------
+
+    def _training_active(self) -> bool:
+        """Whether the current session still trains (its coordinator has not stopped)."""
+        return not self._session.coordinator_stopped()
+
+    def _install_sigterm_watcher(self) -> None:
+        """Installs the SIGTERM stop once per run (main thread only; see preemption)."""
+        if self._sigterm is not None or not preemption.stop_on_sigterm_enabled():
+            return
+        watcher = preemption.SigtermWatcher(is_active=self._training_active)
+        if watcher.install():
+            self._sigterm = watcher
+
+    def _restore_sigterm_handler(self) -> None:
+        if self._sigterm is not None:
+            self._sigterm.restore()
+
+    def _sigterm_received(self) -> bool:
+        return self._sigterm is not None and self._sigterm.received
 
     # -- session lifecycle ----------------------------------------------------
 
@@ -468,43 +554,43 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         logging.info("Initialized TPU in %d seconds", time.time() - start)
 
     def after_create_session(self, session: Any, coord: Any) -> None:
-        """Initialises the TPU, runs init ops, compiles, starts the feed threads."""
-        if self._infeed_controller is not None or self._outfeed_controller is not None:
-            # A recreated session (MonitoredSession recovers from preemption):
-            # the previous session's threads must not linger.
-            self._stop_controllers()
-            self._infeed_controller = self._outfeed_controller = None
-        self._coord = coord
-        self._loops_sent = 0
-        with self._state_lock:
-            self._failed_sources.clear()
+        """Retires the previous session's state, initialises the TPU, starts the feed threads.
+
+        Runs once per session; MonitoredSession calls it again (without `end()`)
+        when it recreates the session after AbortedError/UnavailableError. Also
+        installs the SIGTERM stop (`monolith.core.preemption`) on the first call.
+        """
+        previous = self._session
+        previous.retire()
+        # A recreated session: the previous session's threads must not linger.
+        self._stop_controllers(previous)
         # Parse before starting anything, so a bad value leaves no thread behind.
         watchdog_timeout = _watchdog_timeout_from_env()
-
-        if self._should_initialize_tpu:
-            self._initialize_tpu_system()
-
-        session.run(
-            self._init_ops,
-            options=tf.compat.v1.RunOptions(timeout_in_ms=_INIT_OPS_TIMEOUT_MS),
-        )
-
-        if os.environ.get(_SPLIT_COMPILE_ENV, "") == "1":
-            logging.info("Compiling user program: this may take a while...")
-            self._assertCompilationSucceeded(session.run(self._tpu_compile_op), coord)
-
+        self._install_sigterm_watcher()
+        state = _SessionState(coord)
+        self._session = state
         try:
-            self._start_controllers(session, coord)
+            if self._should_initialize_tpu:
+                self._initialize_tpu_system()
+
+            session.run(
+                self._init_ops,
+                options=tf.compat.v1.RunOptions(timeout_in_ms=_INIT_OPS_TIMEOUT_MS),
+            )
+
+            if os.environ.get(_SPLIT_COMPILE_ENV, "") == "1":
+                logging.info("Compiling user program: this may take a while...")
+                self._assertCompilationSucceeded(session.run(self._tpu_compile_op), coord)
+
+            self._start_controllers(session, state)
             # Terminates workers when the coordinator exits.
             if watchdog_timeout > 0:
                 session_support.start_worker_watchdog(session, shutdown_timeout=watchdog_timeout)
         except BaseException:
-            self._stop_controllers()
+            state.retire()
+            self._stop_controllers(state)
+            self._restore_sigterm_handler()
             raise
-
-    def _feed_failed(self) -> bool:
-        with self._state_lock:
-            return bool(self._failed_sources)
 
     def _wait_for_outfeed(self, loops: int) -> None:
         """Blocks until the outfeed thread finished `loops` loops (training thread).
@@ -512,59 +598,75 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         Returns early, without waiting forever, when the outfeed thread has
         exited, a feed thread recorded an error or the coordinator stopped.
         """
-        controller = self._outfeed_controller
-        if not hasattr(controller, "wait_for_finished_loops"):
-            return
-        waiting_logger = PeriodicLogger(seconds=60)
+        state = self._session
+        controller = state.outfeed
         while not controller.wait_for_finished_loops(loops, timeout=_WAIT_POLL_SECS):
             if (
                 not controller.thread.is_alive()
-                or self._feed_failed()
-                or self._coordinator_stopped()
+                or state.failed_sources()
+                or state.coordinator_stopped()
             ):
                 return
-            waiting_logger.log("Waiting for the outfeed thread to finish loop %d.", loops)
+            state.waiting_logger.log("Waiting for the outfeed thread to finish loop %d.", loops)
 
     def _raise_feed_error(self) -> None:
-        with self._state_lock:
-            failed = sorted(self._failed_sources)
+        failed = self._session.failed_sources()
         if not failed:
             return
         logging.error("Feed thread(s) %s failed; raising the recorded error.", failed)
+        # Training fails here: end() will not run, so put the SIGTERM handler back now.
+        self._restore_sigterm_handler()
         self._rendezvous.raise_errors()
         raise RuntimeError(f"Feed thread(s) {failed} failed; see the errors logged above.")
 
-    def before_run(self, run_context: Any) -> None:
-        """Stops at end of stream, else sends the next loop size to both threads."""
-        if self._expects_stopping_signal and self._loops_sent:
-            self._wait_for_outfeed(self._loops_sent)
-        self._raise_feed_error()
-        if self.stopping_signal:
+    def _stop_training(self, session: Any, reason: preemption.StopReason) -> None:
+        """Records why and raises OutOfRangeError: MonitoredSession's normal end."""
+        preemption._set_last_stop_reason(reason)
+        if reason is preemption.StopReason.END_OF_STREAM:
             logging.info(
                 "Throw OutOfRangeError error due to encountering stopping signal in before_run."
             )
             raise tf.errors.OutOfRangeError(None, None, "Stopped by stopping signal.")
+        step = session.run(self._global_step) if self._global_step is not None else "?"
+        logging.warning(
+            "Training stopped by SIGTERM at step %s (a loop boundary). Every hook's end() "
+            "runs next, so a CheckpointSaverHook writes the final checkpoint at step %s; "
+            "run the same command to resume.",
+            step,
+            step,
+        )
+        raise tf.errors.OutOfRangeError(None, None, "Stopped by SIGTERM.")
+
+    def before_run(self, run_context: Any) -> None:
+        """Stops at end of stream or after SIGTERM, else sends the next loop size to the threads."""
+        state = self._session
+        if self._expects_stopping_signal and state.loops_sent:
+            self._wait_for_outfeed(state.loops_sent)
+        self._raise_feed_error()
+        if state.stop_event.is_set():
+            self._stop_training(run_context.session, preemption.StopReason.END_OF_STREAM)
+        if self._sigterm_received():
+            self._stop_training(run_context.session, preemption.StopReason.SIGTERM)
 
         iterations = run_context.session.run(self._iterations_per_loop_var)
-        logging.info("Enqueue next (%d) batch(es) of data to infeed.", iterations)
-        self._infeed_controller.send_next_batch_signal(iterations)
-        logging.info("Dequeue next (%d) batch(es) of data from outfeed.", iterations)
-        self._outfeed_controller.send_next_batch_signal(iterations)
-        self._loops_sent += 1
+        logging.debug("Enqueue next (%d) batch(es) of data to infeed.", iterations)
+        state.infeed.send_next_batch_signal(iterations)
+        logging.debug("Dequeue next (%d) batch(es) of data from outfeed.", iterations)
+        state.outfeed.send_next_batch_signal(iterations)
+        state.loops_sent += 1
 
     def end(self, session: Any) -> None:
         """Joins the feed threads (bounded), records them done, flushes, shuts down.
 
-        A thread still running after `join_timeout_secs` is logged with its
-        stack and left behind (it is a daemon and ends when the session closes),
-        so the rest of shutdown and the later hooks' `end()` (final checkpoint)
-        still run. With a hook-owned rendezvous a recorded feed error is raised
-        last.
+        Each feed thread gets up to `join_timeout_secs`, so `end()` waits at
+        most twice that. A thread still running after it is logged with its
+        stack and left behind (it is a daemon and ends when the session
+        closes), so the rest of shutdown and the later hooks' `end()` (final
+        checkpoint) still run. Restores the SIGTERM handler. With a hook-owned
+        rendezvous a recorded feed error is raised last.
         """
-        for source, controller in (
-            ("infeed", self._infeed_controller),
-            ("outfeed", self._outfeed_controller),
-        ):
+        self._restore_sigterm_handler()
+        for source, controller in zip(("infeed", "outfeed"), self._session.controllers()):
             logging.info("Stop %s thread controller", source)
             if controller is not None:
                 self._join_controller(controller)

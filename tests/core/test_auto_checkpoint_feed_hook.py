@@ -10,6 +10,8 @@ import glob
 import inspect
 import logging
 import os
+import queue
+import threading
 
 import numpy as np
 import pytest
@@ -164,9 +166,22 @@ def test_outfeed_every_n_steps_must_be_positive(bad):
         _hook(outfeed_every_n_steps=bad)
 
 
-def test_join_timeout_must_be_positive():
+@pytest.mark.parametrize("bad", [0, -1.5, float("inf"), float("nan")])
+def test_join_timeout_must_be_a_finite_positive_number(bad):
     with tf.Graph().as_default(), pytest.raises(ValueError, match="join_timeout_secs"):
-        _hook(join_timeout_secs=0)
+        _hook(join_timeout_secs=bad)
+
+
+@pytest.mark.parametrize("bad", [True, False, "30", None])
+def test_join_timeout_rejects_bools_strings_and_none_naming_the_type(bad):
+    with tf.Graph().as_default(), pytest.raises(TypeError, match="join_timeout_secs=.*number"):
+        _hook(join_timeout_secs=bad)
+
+
+@pytest.mark.parametrize("good", [1, 0.25, np.float32(2.0)])
+def test_join_timeout_accepts_ints_and_floats(good):
+    with tf.Graph().as_default():
+        assert _hook(join_timeout_secs=good)._join_timeout_secs == float(good)
 
 
 def test_stopping_signal_is_a_readable_and_settable_attribute():
@@ -370,7 +385,7 @@ def test_end_joins_threads_and_records_them_done(clean_env):
         with _Driver(hook, iterations_per_loop=2) as driver:
             driver.loop()
             hook.end(driver.session)
-            threads = [hook._infeed_controller.thread, hook._outfeed_controller.thread]
+            threads = [controller.thread for controller in hook._session.controllers()]
             assert [t.name for t in threads if t.is_alive()] == []
         rendezvous.raise_errors()  # both sources done, no error
 
@@ -578,10 +593,128 @@ def test_recreated_session_stops_the_previous_sessions_threads(clean_env):
     with tf.Graph().as_default():
         hook = _hook()
         with _Driver(hook, iterations_per_loop=1) as driver:
-            first = (hook._infeed_controller.thread, hook._outfeed_controller.thread)
+            first = [controller.thread for controller in hook._session.controllers()]
             hook.after_create_session(driver.session, driver.coord)
             assert not any(thread.is_alive() for thread in first)
             hook.end(driver.session)
+
+
+@pytest.mark.timeout(60)
+def test_recreated_session_gets_fresh_state_the_old_threads_cannot_reach(clean_env):
+    with tf.Graph().as_default():
+        rendezvous = error_handling.ErrorRendezvous(num_sources=2)
+        hook = _hook(dequeue_ops=_signal_dequeue_ops([False]), rendezvous=rendezvous)
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            old = hook._session
+            new_coord = tf.train.Coordinator()
+            hook.after_create_session(driver.session, new_coord)
+            new = hook._session
+            assert new is not old and new.coord is new_coord and new.loops_sent == 0
+            # What a late thread of the old session could still do: it only reaches its state.
+            old.stop_event.set()
+            old.record_failure("outfeed")
+            assert old.coordinator_stopped()  # retired: its threads stop at their next check
+            assert hook.stopping_signal is False
+            assert not new.coordinator_stopped() and new.failed_sources() == []
+            driver.loop()  # neither stops nor raises: the new session trains on
+            driver.loop()
+            hook.end(driver.session)
+        rendezvous.raise_errors()  # nothing recorded
+
+
+class _ListController:
+    """A FeedController that is not an _OpQueueContext: records loop sizes on its own thread."""
+
+    def __init__(self, name, target, args):
+        self.sizes = []
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(name=name, target=target, args=(self, *args), daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self):
+        return self._thread
+
+    def send_next_batch_signal(self, iterations):
+        self.sizes.append(iterations)
+        self._queue.put(iterations)
+
+    def read_iteration_counts(self):
+        while (iterations := self._queue.get()) is not None:
+            yield iterations
+
+    def join(self, timeout=None):
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class _ListControllerHook(Hook):
+    def _create_infeed_controller(self, name, target, args):
+        return _ListController(name, target, args)
+
+
+def test_controllers_implement_the_feed_controller_protocol():
+    assert isinstance(
+        feed_hook._OpQueueContext("P", lambda ctx: None, ()), feed_hook.FeedController
+    )
+    assert not isinstance(object(), feed_hook.FeedController)
+
+
+@pytest.mark.timeout(60)
+def test_a_subclass_factory_may_return_any_feed_controller(clean_env):
+    with tf.Graph().as_default():
+        counter = _Counter("enqueued")
+        hook = _ListControllerHook(
+            FakeTPUContext(), [counter.increment], [tf.no_op()], tpu_compile_op=tf.no_op()
+        )
+        assert isinstance(_ListController("X", lambda ctx: None, ()), feed_hook.FeedController)
+        with _Driver(hook, iterations_per_loop=3) as driver:
+            driver.loop()
+            driver.loop()
+            infeed = hook._session.infeed
+            hook.end(driver.session)
+            assert not infeed.thread.is_alive()
+            assert infeed.sizes == [3, 3]
+            assert driver.session.run(counter.var) == 6
+
+
+@pytest.mark.timeout(60)
+def test_per_loop_lines_log_at_debug_and_lifecycle_at_info(clean_env, caplog):
+    caplog.set_level(logging.DEBUG, logger="absl")
+    with tf.Graph().as_default():
+        hook = _hook()
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            driver.loop()
+            hook.end(driver.session)
+    levels = {}
+    for record in caplog.records:
+        levels.setdefault(record.getMessage().split(" (")[0], set()).add(record.levelno)
+    assert levels["Enqueue next"] == levels["Dequeue next"] == {logging.DEBUG}
+    assert levels["Shutdown TPU system."] == {logging.INFO}
+
+
+@pytest.mark.timeout(60)
+def test_waiting_logger_rate_limit_holds_across_before_run_calls(clean_env, absl_info):
+    with tf.Graph().as_default():
+        gate = tf.queue.FIFOQueue(10, [tf.bool], shapes=[[1]])
+        open_gate = gate.enqueue([[False]])
+        hook = _hook(dequeue_ops={SIGNAL: {"stopping": gate.dequeue()}}, join_timeout_secs=5)
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            for _ in range(2):
+                # The outfeed thread is stuck on the gate until the timer opens it, at
+                # least 0.3 s (three poll slices) into this before_run's wait.
+                timer = threading.Timer(0.3, driver.session.run, args=(open_gate,))
+                timer.start()
+                driver.loop()
+                timer.join()
+            driver.session.run(open_gate)
+            hook.end(driver.session)
+    waits = [r for r in absl_info.records if r.getMessage().startswith("Waiting for the outfeed")]
+    assert len(waits) == 1
 
 
 def _stuck_signal_dequeue_ops():

@@ -219,3 +219,68 @@ def test_stuck_outfeed_thread_does_not_stop_the_final_checkpoint(tmp_path, caplo
     stuck = [r.getMessage() for r in caplog.records if "OutfeedController" in r.getMessage()]
     assert stuck and "_run_outfeed" in stuck[0]
     assert live_feed_threads() == []
+
+
+# -- a session recreated in-process (MonitoredSession recovers from AbortedError) ------------
+
+
+def _recording_hook_class(created):
+    """The feed hook, appending (session state, its feed threads, the previous ones alive)."""
+
+    class RecordingHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
+        def after_create_session(self, session, coord):
+            previous = [t for _, threads, _ in created for t in threads]
+            super().after_create_session(session, coord)
+            threads = [controller.thread for controller in self._session.controllers()]
+            created.append((self._session, threads, [t for t in previous if t.is_alive()]))
+
+    return RecordingHook
+
+
+class _AbortOnceHook(tf.compat.v1.train.SessionRunHook):
+    """Raises AbortedError once, after loop `at_loop`, as a TPU worker restart would.
+
+    With `after_stop_seen`, first waits until the first session's outfeed
+    thread has set that session's stop flag, so the old session ends with its
+    flag set.
+    """
+
+    def __init__(self, created, at_loop, after_stop_seen=False):
+        self._created = created
+        self._at_loop = at_loop
+        self._after_stop_seen = after_stop_seen
+        self._loops = 0
+
+    def after_run(self, run_context, run_values):
+        self._loops += 1
+        if self._loops != self._at_loop:
+            return
+        if self._after_stop_seen:
+            assert self._created[0][0].stop_event.wait(30)
+        raise tf.errors.AbortedError(None, None, "injected: TPU worker restarted")
+
+
+@pytest.mark.parametrize("at_loop, after_stop_seen", [(2, False), (3, True)])
+def test_recreated_session_trains_the_stream_exactly_and_inherits_nothing(
+    tmp_path, at_loop, after_stop_seen
+):
+    # 5 batches, 2 per loop: the third loop holds the first padding batch. No
+    # periodic checkpoint, so the new session restores step 0 and, its input
+    # iterator being new, trains the whole stream again.
+    created = []
+    result = testing.train(
+        counting_model_fn,
+        padded_stream_fn(5),
+        model_dir=str(tmp_path),
+        iterations_per_loop=2,
+        hook_class=_recording_hook_class(created),
+        hooks=[_AbortOnceHook(created, at_loop, after_stop_seen)],
+    )
+    _assert_trained_stream_exactly(result, 5, 2)
+    assert len(created) == 2
+    (old, old_threads, _), (new, _, alive_at_recreation) = created
+    assert alive_at_recreation == []  # the old threads were joined before the new ones started
+    assert old is not new and old.coordinator_stopped()
+    assert old.stop_event.is_set() is after_stop_seen
+    assert new.loops_sent == 3 and new.failed_sources() == old.failed_sources() == []
+    assert not any(t.is_alive() for t in old_threads)
