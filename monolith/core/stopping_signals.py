@@ -389,6 +389,7 @@ def _set_batch_dim(structure: Any, batch: int) -> Any:
     return _map_leaves(fix, structure)
 
 
+from monolith.core.padding_steps import skip_padding_steps  # noqa: E402
 from monolith.core.trained_batches import skip_trained_batches  # noqa: E402
 
-__all__ += ["skip_trained_batches"]
+__all__ += ["skip_padding_steps", "skip_trained_batches"]
