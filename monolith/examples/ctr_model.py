@@ -3,13 +3,15 @@
 One `input_fn` and one `model_fn`, written as for `TPUEstimator(use_tpu=True)`,
 which run unchanged on a Cloud TPU and on CPU through `monolith.core.testing`:
 
-* `input_fn` builds a deterministic synthetic click log (no download) and ends
-  it with `append_stopping_signals`, so the feed hook stops training by itself
-  after the last real batch;
-* `model_fn` looks up user and item embeddings, runs a two-layer MLP, masks the
-  loss of padding examples (a padding step then changes no weight), counts the
-  real examples it trains in a checkpointed variable, and records its metrics
-  with `BaseEmbeddingHostCall` for AUC and DeepInsight summaries.
+* `input_fn` builds a deterministic synthetic click log (no download, made
+  in-graph), skips the batches a restored checkpoint has already trained
+  (`skip_trained_batches`) and ends it with `append_stopping_signals`, so the
+  feed hook stops training by itself after the last real batch;
+* `model_fn` looks up user and item embeddings (Adagrad) and runs a two-layer
+  MLP (Adam), both optimizers wrapped with `skip_padding_steps` so a padding
+  step changes no weight, slot or global step; it counts the examples trained
+  in a checkpointed variable, and records its metrics with
+  `BaseEmbeddingHostCall` for AUC and DeepInsight summaries.
 
 Params (beyond TPUEstimator's `batch_size` and `context`): `model_dir`,
 `num_examples`, `seed`, `on_tpu`.
@@ -24,7 +26,11 @@ from tensorflow_estimator.python.estimator.tpu import tpu_estimator
 
 from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
-from monolith.core.stopping_signals import append_stopping_signals
+from monolith.core.stopping_signals import (
+    append_stopping_signals,
+    skip_padding_steps,
+    skip_trained_batches,
+)
 
 NUM_USERS = 1_000
 NUM_ITEMS = 500
@@ -39,6 +45,8 @@ UNSAMPLED_UID_BUCKET = 1_000
 FIRST_REQ_TIME = 1_700_000_000
 # Examples drawn per stateless op call (see `synthetic_click_log`).
 EXAMPLES_PER_BLOCK = 1_024
+# Checkpointed count of the examples trained, updated in the same step as the
+# weights: the report reads it.
 EXAMPLES_TRAINED = "examples_trained"
 
 
@@ -119,23 +127,26 @@ def synthetic_click_log(num_examples: int, seed: int = 0) -> tf.data.Dataset:
 
 
 def input_fn(params: Mapping[str, Any]) -> tf.data.Dataset:
-    """The click log in batches of `params["batch_size"]`, then endless padding.
+    """The click log in batches of `params["batch_size"]`, minus those trained, then padding.
 
-    The last partial batch is dropped (TPUs need static shapes); padding
-    batches carry the stop signal, which ends training after the real ones.
+    The last partial batch is dropped (TPUs need static shapes). On a
+    restored model_dir, `skip_trained_batches` resumes after the batches the
+    checkpoint's global step has trained (the stream is deterministic, so they
+    are the same batches). Padding batches carry the stop signal, which ends
+    training after the real ones.
     """
     dataset = synthetic_click_log(params["num_examples"], params.get("seed", 0))
     dataset = dataset.batch(params["batch_size"], drop_remainder=True)
+    dataset = skip_trained_batches(dataset, context=params.get("context"))
     return append_stopping_signals(dataset).prefetch(2)
 
 
-def _embedding(name: str, ids: tf.Tensor, vocabulary: int, seed: int) -> tf.Tensor:
-    table = tf.compat.v1.get_variable(
+def _embedding_table(name: str, vocabulary: int, seed: int) -> tf.Variable:
+    return tf.compat.v1.get_variable(
         name,
         [vocabulary, EMBEDDING_DIM],
         initializer=tf.compat.v1.random_normal_initializer(stddev=0.05, seed=seed),
     )
-    return tf.gather(table, ids)
 
 
 def _dense_layer(name: str, inputs: tf.Tensor, units: int, seed: int) -> tf.Tensor:
@@ -149,8 +160,20 @@ def _dense_layer(name: str, inputs: tf.Tensor, units: int, seed: int) -> tf.Tens
     return tf.matmul(inputs, kernel) + bias
 
 
-def _count_real_examples(real: tf.Tensor, on_tpu: bool) -> tf.Operation:
-    """Adds this step's real examples (all replicas') to a checkpointed counter."""
+def _count_examples_trained(padding: tf.Tensor, on_tpu: bool) -> tf.Operation:
+    """Adds the examples this step trains (all replicas') to a checkpointed counter.
+
+    A step is padding when any replica's batch is padding, the rule by which
+    the feed hook stops and `skip_padding_steps` skips the update: such a step
+    trains no example, not even the real ones other replicas may hold.
+    """
+    real = tf.reduce_sum(tf.cast(tf.logical_not(padding), tf.int32))
+    padding_batches = tf.cast(tf.reduce_any(padding), tf.int32)
+    if on_tpu:
+        # Each replica holds a copy of the counter: add the same total to all.
+        real = tf.compat.v1.tpu.cross_replica_sum(real)
+        padding_batches = tf.compat.v1.tpu.cross_replica_sum(padding_batches)
+    trained = tf.where(padding_batches > 0, tf.constant(0, tf.int32), real)
     counter = tf.compat.v1.get_variable(
         EXAMPLES_TRAINED,
         [],
@@ -159,11 +182,19 @@ def _count_real_examples(real: tf.Tensor, on_tpu: bool) -> tf.Operation:
         trainable=False,
         use_resource=True,
     )
-    count = tf.reduce_sum(tf.cast(real, tf.int32))
+    return counter.assign_add(tf.cast(trained, tf.int64), read_value=False)
+
+
+def _optimizer(
+    optimizer: tf.compat.v1.train.Optimizer, features: Mapping[str, tf.Tensor], on_tpu: bool
+) -> tf.compat.v1.train.Optimizer:
+    """`optimizer` applying nothing on padding steps, summed over replicas on a TPU."""
+    optimizer = skip_padding_steps(optimizer, features)
     if on_tpu:
-        # Each replica holds a copy of the counter: add the same total to all.
-        count = tf.compat.v1.tpu.cross_replica_sum(count)
-    return counter.assign_add(tf.cast(count, tf.int64), read_value=False)
+        # The gradient sum outside skip_padding_steps' conditional: every
+        # replica runs it on every step.
+        optimizer = tf.compat.v1.tpu.CrossShardOptimizer(optimizer)
+    return optimizer
 
 
 def model_fn(features, labels, mode, params):
@@ -173,12 +204,15 @@ def model_fn(features, labels, mode, params):
     # Seeded initializers: the same params train the same model, run after run.
     seed = int(params.get("seed", 0))
     padding = features[_USER_PROVIDED_SIGNAL_NAME]
-    real = tf.logical_not(padding)
 
+    embeddings = [
+        _embedding_table("user_embedding", NUM_USERS, seed),
+        _embedding_table("item_embedding", NUM_ITEMS, seed + 1),
+    ]
     inputs = tf.concat(
         [
-            _embedding("user_embedding", features["user_id"], NUM_USERS, seed),
-            _embedding("item_embedding", features["item_id"], NUM_ITEMS, seed + 1),
+            tf.gather(embeddings[0], features["user_id"]),
+            tf.gather(embeddings[1], features["item_id"]),
             features["dense"],
         ],
         axis=1,
@@ -187,16 +221,24 @@ def model_fn(features, labels, mode, params):
     logits = _dense_layer("logits", hidden, 1, seed + 3)[:, 0]
     preds = tf.sigmoid(logits)
 
-    # Padding examples get weight 0: a padding step trains nothing.
-    weights = tf.cast(real, tf.float32)
+    # The loss over the real examples, so the logged loss is the real one.
+    # This mask does not keep padding steps from training (Adam moves weights
+    # on a zero gradient): skip_padding_steps below does.
+    weights = tf.cast(tf.logical_not(padding), tf.float32)
     per_example = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
     loss = tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
-    optimizer = tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5)
-    if on_tpu:
-        optimizer = tf.compat.v1.tpu.CrossShardOptimizer(optimizer)
-    minimize = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
-    train_op = tf.group(minimize, _count_real_examples(real, on_tpu))
+    # Sparse embedding rows with Adagrad; the dense layers with Adam, whose
+    # moments and beta powers would move on padding steps without the wrapper.
+    sparse = {table.ref() for table in embeddings}
+    dense_layers = [v for v in tf.compat.v1.trainable_variables() if v.ref() not in sparse]
+    embedding_update = _optimizer(
+        tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5), features, on_tpu
+    ).minimize(loss, var_list=embeddings)
+    dense_update = _optimizer(
+        tf.compat.v1.train.AdamOptimizer(learning_rate=0.003), features, on_tpu
+    ).minimize(loss, var_list=dense_layers, global_step=tf.compat.v1.train.get_global_step())
+    train_op = tf.group(embedding_update, dense_update, _count_examples_trained(padding, on_tpu))
 
     host_call = BaseEmbeddingHostCall(
         params["model_dir"],
@@ -212,11 +254,11 @@ def model_fn(features, labels, mode, params):
             "host_call_every_n_steps": 1,
         },
     )
+    host_call.record_summary_tensor("labels_for_auc_calculation", labels)
+    host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
     uid_bucket = tf.where(
         padding, tf.fill(tf.shape(padding), UNSAMPLED_UID_BUCKET), features["uid_bucket"]
     )
-    host_call.record_summary_tensor("labels_for_auc_calculation", labels)
-    host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
     host_call.record_summary_tensor("uid_bucket", uid_bucket)
     host_call.record_summary_tensor("req_time", features["req_time"][:1])
     host_call.record_summary_tensor("sample_rate", tf.constant([1.0]))

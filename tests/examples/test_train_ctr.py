@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from monolith.core import simulated_tpu, testing
+from monolith.core import preemption, simulated_tpu, testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
@@ -21,53 +23,151 @@ pytestmark = pytest.mark.timeout(180)
 SMALL = ["--num_examples", "2560", "--batch_size", "64", "--iterations_per_loop", "4"]
 
 
-def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys):
-    report = train_ctr.main([*SMALL, "--model_dir", str(tmp_path)])
-
-    # 40 real batches fill loops 1-10 exactly, so the first padding batch opens
-    # loop 11 and that whole loop (4 steps) is padding: the worst case.
-    assert (report.steps, report.real_steps, report.padding_steps) == (44, 40, 4)
-    assert report.examples == 2560
-    assert report.final_checkpoint == tf.train.latest_checkpoint(str(tmp_path))
-    assert report.final_checkpoint.endswith("model.ckpt-44")
-    assert report.tensorboard_logdir == os.path.join(str(tmp_path), "host_call")
-    assert 0.5 < report.last_auc <= 1.0
-    out = capsys.readouterr().out
-    assert "Training stopped at the end of the input stream." in out
-    assert "steps trained:     44 (40 on real batches, 4 on padding)" in out
-    assert f"tensorboard --logdir {report.tensorboard_logdir}" in out
+def _variables(checkpoint: str) -> dict:
+    """Every variable of `checkpoint`: weights, optimizer slots, beta powers, counters."""
+    reader = tf.train.load_checkpoint(checkpoint)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
-def test_padding_steps_train_no_weights(tmp_path):
-    """The masked loss leaves every weight as the last real step left it."""
-    model_dir = str(tmp_path)
-    # 42 batches: the stream ends 2 steps into loop 11, then 2 padding steps.
-    report = train_ctr.main(
-        ["--num_examples", "2688", "--batch_size", "64", "--iterations_per_loop", "4"]
-        + ["--model_dir", model_dir, "--seed", "3"]
-    )
-    assert (report.real_steps, report.padding_steps) == (42, 2)
-    final = tf.train.load_checkpoint(report.final_checkpoint)
+def _assert_same_variables(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(actual[name], value, rtol=0, atol=1e-6, err_msg=name)
 
-    reference_dir = str(tmp_path / "reference")
-    # Same stream, stopped by steps exactly after the last real batch.
+
+def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0) -> dict:
+    """Trains the first `steps` batches of the stream, stopped by a step limit (no padding)."""
     testing.train(
         ctr_model.model_fn,
         ctr_model.input_fn,
-        model_dir=reference_dir,
+        model_dir=model_dir,
         iterations_per_loop=4,
-        steps=42,
+        steps=steps,
         params={
-            "model_dir": reference_dir,
-            "num_examples": 2688,
-            "seed": 3,
+            "model_dir": model_dir,
+            "num_examples": num_examples,
+            "seed": seed,
             "on_tpu": False,
             "batch_size": 64,
         },
     )
-    reference = tf.train.load_checkpoint(tf.train.latest_checkpoint(reference_dir))
-    for name in ("user_embedding", "item_embedding", "hidden/kernel", "logits/bias"):
-        assert (final.get_tensor(name) == reference.get_tensor(name)).all(), name
+    return _variables(tf.train.latest_checkpoint(model_dir))
+
+
+def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys):
+    report = train_ctr.main([*SMALL, "--model_dir", str(tmp_path)])
+
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert train_ctr.exit_code(report) == 0
+    # 40 real batches fill loops 1-10 exactly, so the first padding batch opens
+    # loop 11 and that whole loop (4 steps) is padding: the worst case. The
+    # global step counts the real steps only.
+    assert (report.start_step, report.global_step, report.steps) == (0, 40, 40)
+    assert report.padding_steps == 4
+    assert report.examples == report.total_examples == 2560
+    assert report.final_checkpoint == tf.train.latest_checkpoint(str(tmp_path))
+    assert report.final_checkpoint.endswith("model.ckpt-40")
+    assert report.tensorboard_logdir == os.path.join(str(tmp_path), "host_call")
+    assert 0.5 < report.last_auc <= 1.0
+    out = capsys.readouterr().out
+    assert "Training stopped at the end of the input stream." in out
+    assert "steps trained:     40 (global step 40)" in out
+    assert "padding steps:     4 (they trained nothing: skip_padding_steps)" in out
+    assert "examples trained:  2560 (2560 in the model)" in out
+    assert "resumed" not in out
+    assert f"tensorboard --logdir {report.tensorboard_logdir}" in out
+
+
+def test_padding_steps_change_no_variable(tmp_path):
+    """Weights, Adam and Adagrad slots, beta powers, counters: as after the real steps alone."""
+    # 42 batches: the stream ends 2 steps into loop 11, then 2 padding steps.
+    report = train_ctr.main(
+        ["--num_examples", "2688", "--batch_size", "64", "--iterations_per_loop", "4"]
+        + ["--model_dir", str(tmp_path / "run"), "--seed", "3"]
+    )
+    assert (report.steps, report.padding_steps) == (42, 2)
+    final = _variables(report.final_checkpoint)
+    assert {"beta1_power", "hidden/kernel/Adam", "user_embedding/Adagrad"} <= set(final)
+    assert final["global_step"] == 42
+
+    reference = _train_exactly(str(tmp_path / "reference"), 2688, steps=42, seed=3)
+    _assert_same_variables(final, reference)
+
+
+def test_a_second_run_on_a_finished_model_dir_trains_nothing_more(tmp_path, capsys):
+    model_dir = str(tmp_path)
+    train_ctr.main([*SMALL, "--model_dir", model_dir])
+    finished = _variables(tf.train.latest_checkpoint(model_dir))
+    capsys.readouterr()
+
+    report = train_ctr.main([*SMALL, "--model_dir", model_dir])
+
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert (report.start_step, report.global_step, report.steps) == (40, 40, 0)
+    # skip_trained_batches skipped all 40 batches: one loop of padding ran.
+    assert report.padding_steps == 4
+    assert (report.examples, report.total_examples) == (0, 2560)
+    _assert_same_variables(_variables(report.final_checkpoint), finished)
+    out = capsys.readouterr().out
+    assert "resumed at step:   40 (its batches skipped, not trained again)" in out
+    assert "steps trained:     0 (global step 40)" in out
+    assert "examples trained:  0 (2560 in the model)" in out
+
+
+def test_save_checkpoints_steps_writes_checkpoints_during_training(tmp_path):
+    model_dir = str(tmp_path)
+    report = train_ctr.main([*SMALL, "--model_dir", model_dir, "--save_checkpoints_steps", "8"])
+    state = tf.train.get_checkpoint_state(model_dir)
+    steps = sorted(int(path.rsplit("-", 1)[1]) for path in state.all_model_checkpoint_paths)
+    # Every 8 steps (at loop boundaries of 4), kept 5 deep by the Saver.
+    assert steps == [8, 16, 24, 32, 40]
+    assert report.final_checkpoint.endswith("model.ckpt-40")
+
+
+def test_sigterm_stops_with_a_checkpoint_exits_42_and_the_rerun_resumes(tmp_path):
+    """A preempted run exits with the restart code; the rerun trains each batch once."""
+    model_dir = str(tmp_path / "preempted")
+    # A stream far longer than the test: only SIGTERM ends this run.
+    command = [sys.executable, "-u", "-m", "monolith.examples.train_ctr"]
+    command += ["--num_examples", "6400000", "--batch_size", "64", "--iterations_per_loop", "4"]
+    proc = subprocess.Popen(
+        [*command, "--model_dir", model_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # The first progress line: the feed hook is training.
+            lines.append(line)
+            if line.startswith("step"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out = "".join(lines) + out
+    assert proc.returncode == preemption.RESTART_EXIT_CODE, err[-3000:]
+    stopped = re.search(r"Training stopped by SIGTERM at step (\d+); checkpoint written", out)
+    assert stopped, out
+    trained = int(stopped.group(1))
+    assert trained > 0
+    counters = _variables(tf.train.latest_checkpoint(model_dir))
+    assert counters["global_step"] == trained
+    assert counters[ctr_model.EXAMPLES_TRAINED] == 64 * trained
+
+    # Resume on the same (deterministic) stream, cut 12 batches further.
+    num_examples = 64 * (trained + 12)
+    report = train_ctr.main(
+        ["--num_examples", str(num_examples), "--batch_size", "64", "--iterations_per_loop", "4"]
+        + ["--model_dir", model_dir]
+    )
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert (report.start_step, report.steps, report.examples) == (trained, 12, 64 * 12)
+    assert report.total_examples == num_examples
+    # Exactly once, in order: the same model as one uninterrupted run.
+    reference = _train_exactly(str(tmp_path / "reference"), num_examples, steps=trained + 12)
+    _assert_same_variables(_variables(report.final_checkpoint), reference)
 
 
 def _stream(num_examples: int, seed: int, batch_size: int) -> dict:
@@ -131,6 +231,7 @@ def test_input_graph_does_not_grow_with_the_stream():
 
     def graph_bytes(num_examples: int) -> int:
         with tf.Graph().as_default() as graph:
+            tf.compat.v1.train.create_global_step()
             ctr_model.input_fn({"num_examples": num_examples, "batch_size": 64, "seed": 0})
             return graph.as_graph_def().ByteSize()
 
@@ -156,8 +257,8 @@ def test_example_runs_as_a_module(tmp_path):
         timeout=170,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "examples trained:  2560" in proc.stdout
-    assert os.path.exists(os.path.join(str(tmp_path), "model.ckpt-44.index"))
+    assert "examples trained:  2560 (2560 in the model)" in proc.stdout
+    assert os.path.exists(os.path.join(str(tmp_path), "model.ckpt-40.index"))
 
 
 @pytest.mark.parametrize("bad", [["--num_examples", "0"], ["--num_examples", "10"]])
