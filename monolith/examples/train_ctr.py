@@ -126,17 +126,26 @@ def exit_code(report: Report) -> int:
 
 
 class _Progress:
-    """Prints step, examples/s and loss at most every `interval_secs`."""
+    """Prints step, examples/s and loss after the first loop, then at most every `interval_secs`.
+
+    The rate counts from the end of the first loop, so graph building and
+    session start-up (seconds) do not dilute it.
+    """
 
     def __init__(self, batch_size: int, interval_secs: float = 1.0):
         self._batch_size = batch_size
         self._interval = interval_secs
-        self._start = self._last = time.monotonic()
+        self._start: Optional[float] = None
+        self._last = 0.0
         self._steps = 0
 
     def __call__(self, global_step: int, loop_steps: int, loss: float) -> None:
-        self._steps += loop_steps
         now = time.monotonic()
+        if self._start is None:
+            self._start = self._last = now
+            print(f"step {global_step:6d}  {'':20}  loss {loss:.4f}", flush=True)
+            return
+        self._steps += loop_steps
         if now - self._last < self._interval:
             return
         self._last = now
