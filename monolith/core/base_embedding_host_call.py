@@ -11,6 +11,7 @@ Use from a TPUEstimator `model_fn` (on the thread building the graph)::
     host_call.record_summary_tensor("labels_for_auc_calculation", labels[:k])
     host_call.record_summary_tensor("y_pred_for_auc_calculation", preds[:k])
     host_call.record_summary_tensor("uid_bucket", uid_buckets[:k])
+    host_call.record_summary_tensor("stopping_signals", padding_flag[:k])
     host_call.record_summary_tensor("loss_avg", loss)
     return TPUEstimatorSpec(..., host_call=host_call.generate_host_call_hook(),
                             training_hooks=host_call.tpu_var_restore_hooks)
@@ -32,6 +33,12 @@ concatenated over replicas. It writes, with `tf.summary` to
   `di_example_sample_rates`); labels and predictions are written whenever uid
   buckets are recorded, as in the original;
 - averages of the selected labels, predictions, request times, sample rates.
+
+Every summary of a step is written at the global step when that step
+started (a step that did not advance the global step: the next free
+number), each number once (see `_host_call_steps`). With the padding flag
+recorded (`stopping_signals`, True / non-zero = padding), padding examples
+are never selected.
 
 Caching mode (`enable_caching_with_tpu_var_mode=True`) is for host calls that
 run every `host_call_every_n_steps` (> 1) steps (TPUConfig's
@@ -62,12 +69,12 @@ summary ops (and the AUC update).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
 
-from monolith.core import _tensor_checks
+from monolith.core import _host_call_summaries, _tensor_checks
 from monolith.core.base_host_call import BaseHostCall
 from monolith.core.tpu_variable import ReplicatedVariable
 
@@ -78,13 +85,13 @@ _SAMPLE_RATE = "sample_rate"
 _UID = "uid"
 _UID_BUCKET = "uid_bucket"
 
-_DEEPINSIGHT_SAMPLE_RATES = "di_example_sample_rates"
-_DEEPINSIGHT_LABELS = "di_labels"
-_DEEPINSIGHT_PREDS = "di_preds"
-_DEEPINSIGHT_REQ_TIMES = "di_req_times"
+_DEEPINSIGHT_SAMPLE_RATES = _host_call_summaries.DEEPINSIGHT_SAMPLE_RATES
+_DEEPINSIGHT_LABELS = _host_call_summaries.DEEPINSIGHT_LABELS
+_DEEPINSIGHT_PREDS = _host_call_summaries.DEEPINSIGHT_PREDS
+_DEEPINSIGHT_REQ_TIMES = _host_call_summaries.DEEPINSIGHT_REQ_TIMES
 
-_RATIO_N = 1000
-_UID_SAMPLE_RATE = 0.01
+_RATIO_N = _host_call_summaries.RATIO_N
+_UID_SAMPLE_RATE = _host_call_summaries.UID_SAMPLE_RATE
 
 _HOST_CALL_AUC_METRICS = {
     _LABLES_FOR_AUC_CALCULATION,
@@ -121,6 +128,24 @@ _TPU_VARIABLE_NAMES = (
 )
 _STOPPING_SIGNALS = "stopping_signals"
 _REQUIRED_PARAMS = ("enable_host_call", "cpu_test", "host_call_every_n_steps")
+# Without caching, a recorded name containing one of these is that AUC input
+# (checked in this order, as in the original).
+_AUC_INPUT_ROLES = (
+    _LABLES_FOR_AUC_CALCULATION,
+    _Y_PRED_FOR_AUC_CALCULATION,
+    _REQ_TIME,
+    _SAMPLE_RATE,
+    _UID_BUCKET,
+)
+
+
+def _auc_input_role(name: str) -> Optional[str]:
+    return next((role for role in _AUC_INPUT_ROLES if role in name), None)
+
+
+def _is_padding_flag(name: str) -> bool:
+    """Whether a recorded name is the per-example padding flag (routed as `stopping_signals`)."""
+    return _STOPPING_SIGNALS in name and not _host_call_summaries.is_reduced_metric(name)
 
 
 class TPUVariableRestoreHook(tf.compat.v1.train.SessionRunHook):
@@ -137,22 +162,6 @@ class TPUVariableRestoreHook(tf.compat.v1.train.SessionRunHook):
     def after_create_session(self, session: tf.compat.v1.Session, coord: Any) -> None:
         logging.info("Initializing variables on TPU devices.")
         session.run(self._op)
-
-
-def _reduced_scalar(name: str, tensor: tf.Tensor) -> tf.Tensor:
-    """The scalar logged for a metric: reduced by suffix, else replica 0's value."""
-    if "_avg" in name:
-        return tf.reduce_mean(tensor)
-    if "_max" in name:
-        return tf.reduce_max(tensor)
-    if "_sum" in name:
-        return tf.reduce_sum(tensor)
-    if tensor.shape.rank != 1:
-        raise ValueError(
-            f"tensor {name!r} has shape {tensor.shape} on the host: only scalars can be "
-            "logged without an _avg, _max or _sum suffix"
-        )
-    return tensor[0]
 
 
 class BaseEmbeddingHostCall(BaseHostCall):
@@ -231,6 +240,13 @@ class BaseEmbeddingHostCall(BaseHostCall):
         self._req_times_tpu_variable = None
         self._sample_rates_tpu_variable = None
         self._accumulated_counter_tpu_variable = None
+
+        # Caching mode: the padding flag recorded before the window updates
+        # were built, and whether those updates cache padding examples with
+        # an unsampled uid bucket.
+        self._padding_flag_for_cache: Optional[tf.Tensor] = None
+        self._padding_masked_in_cache = False
+        self._window_updates_built = False
 
         self.tpu_var_restore_hooks: List[TPUVariableRestoreHook] = []
         self._create_all_tpu_variables()
@@ -442,6 +458,8 @@ class BaseEmbeddingHostCall(BaseHostCall):
                     f"elements, got shape {tensor.shape}"
                 )
             checked[arg_name] = tensor
+        if self._padding_flag_for_cache is not None:
+            checked["uid_buckets"] = self._unsampled_if_padding(checked["uid_buckets"])
         global_step = tf.convert_to_tensor(global_step)
         _tensor_checks.check_rank("global_step", global_step, 0)
         if not global_step.dtype.is_integer:
@@ -464,12 +482,35 @@ class BaseEmbeddingHostCall(BaseHostCall):
             old = self._clear_value_at_index_1(variable, var_type, index)
             new = self._compute_new_value(old, checked[arg_name], var_offset)
             updates.append(tf.compat.v1.assign(variable, new))
+        self._window_updates_built = True
         # The counter moves only once this step's values are in place.
         with tf.control_dependencies(updates):
             counter_update = tf.compat.v1.assign(
                 self._accumulated_counter_tpu_variable, counter + 1
             )
         return [counter_update]
+
+    def _unsampled_if_padding(self, uid_buckets: tf.Tensor) -> tf.Tensor:
+        """`uid_buckets` with each padding example's bucket set to one never sampled.
+
+        Raises:
+          ValueError: If the recorded flag has neither one element nor
+            `top_k_sampling_num_per_core`.
+        """
+        flag = self._padding_flag_for_cache
+        top_k = self._top_k_sampling_num_per_core
+        length = _tensor_checks.static_length("stopping_signals", flag)
+        if length not in (1, top_k):
+            raise ValueError(
+                f"stopping_signals must hold 1 or top_k_sampling_num_per_core={top_k} "
+                f"elements (one per cached example) in caching mode, got shape {flag.shape}"
+            )
+        padding = tf.not_equal(tf.cast(flag, tf.int32), 0)
+        unsampled = tf.fill(
+            [top_k], tf.constant(_host_call_summaries.UNSAMPLED_UID_BUCKET, tf.int32)
+        )
+        self._padding_masked_in_cache = True
+        return tf.where(tf.broadcast_to(padding, [top_k]), unsampled, uid_buckets)
 
     def record_summary_tpu_variables(self) -> None:
         """Records the cached windows (caching mode) for the host call."""
@@ -493,20 +534,45 @@ class BaseEmbeddingHostCall(BaseHostCall):
     def record_summary_tensor(self, name: str, tensor: Any) -> None:
         """Records a metric, unless switched off.
 
-        Dropped silently: metrics other than the AUC inputs when
-        `enable_host_call_scalar_metrics` is False, and the per-step AUC
-        inputs (`_DEPRECATED_METRIC_NAMES`) in caching mode, where the cached
-        windows replace them. The cached windows themselves are always kept.
+        Dropped silently: metrics other than the AUC inputs and the padding
+        flag when `enable_host_call_scalar_metrics` is False, and the
+        per-step AUC inputs (`_DEPRECATED_METRIC_NAMES`) in caching mode,
+        where the cached windows replace them. The cached windows themselves
+        are always kept.
+
+        The padding flag, `record_summary_tensor("stopping_signals", flag)`
+        (bool or int, `[batch]` or the `[k]` examples recorded for the AUC,
+        True / non-zero = padding, e.g. the feature
+        `stopping_signals.USER_PROVIDED_SIGNAL_NAME`), keeps padding examples
+        out of the AUC, the DeepInsight payloads and the sampled averages.
+        In caching mode record it before `update_tpu_variables_ops`, which
+        then caches each padding example with an unsampled uid bucket.
         """
         if (
             not self._enable_host_call_scalar_metrics
             and name not in _HOST_CALL_AUC_METRICS
             and name not in _TPU_VARIABLE_NAMES
+            and not _is_padding_flag(name)
         ):
             return
         if self._enable_caching_with_tpu_var_mode and name in _DEPRECATED_METRIC_NAMES:
             return
         super().record_summary_tensor(name, tensor)
+        if (
+            self._enable_host_call
+            and self._enable_caching_with_tpu_var_mode
+            and _is_padding_flag(name)
+        ):
+            if self._window_updates_built:
+                logging.warning(
+                    "%r was recorded after update_tpu_variables_ops(): the cached windows "
+                    "hold its padding examples, and a window whose host-call step is "
+                    "padding is dropped whole; record it before the updates to drop only "
+                    "the padding examples",
+                    name,
+                )
+            else:
+                self._padding_flag_for_cache = tf.reshape(tf.convert_to_tensor(tensor), [-1])
 
     def _verify_shape_and_dtype(self, tensor: Any, shape_list: Sequence[Any], dtype: tf.DType):
         _tensor_checks.check_not_none("tensor", tensor)
@@ -555,55 +621,69 @@ class BaseEmbeddingHostCall(BaseHostCall):
 
     def _write_summary_ops(
         self,
-        gs,
-        labels,
-        y_preds,
-        uid_buckets,
-        req_times,
-        sample_rates,
-        stopping_signals_sum=None,
+        summaries: _host_call_summaries.HostCallSummaries,
+        labels: Optional[tf.Tensor],
+        y_preds: Optional[tf.Tensor],
+        uid_buckets: Optional[tf.Tensor],
+        req_times: Optional[tf.Tensor],
+        sample_rates: Optional[tf.Tensor],
+        stopping_signals_sum: Optional[tf.Tensor] = None,
+        padding_flag: Optional[tf.Tensor] = None,
     ) -> Optional[tf.Tensor]:
         """Writes AUC, DeepInsight and average summaries; returns the AUC update op.
 
-        Runs while the host function is built, under its summary writer.
-        Examples are selected by uid bucket (and dropped entirely when a
-        stopping signal is set); without uid buckets all are used.
+        Examples are selected by uid bucket, without padding examples (those
+        `padding_flag` marks), and none at all when `stopping_signals_sum`
+        (the original's caching-mode rule) is non-zero; without uid buckets
+        or flag all are used.
         """
-        auc_op = None
-        if labels is not None and y_preds is not None:
-            if uid_buckets is not None:
-                flat_buckets = tf.reshape(uid_buckets, [-1])
-                selected = flat_buckets < int(_UID_SAMPLE_RATE * _RATIO_N)
-                if stopping_signals_sum is not None:
-                    selected = tf.math.logical_and(selected, tf.math.equal(stopping_signals_sum, 0))
-                # A vector even when exactly one example is selected.
-                indices = tf.reshape(tf.where(selected), [-1])
-                expect_shape = labels.shape.as_list()
-                _tensor_checks.check_shape("uid buckets", uid_buckets, expect_shape)
-                labels = self._slice_tensor(labels, indices, expect_shape, tf.float32)
-                y_preds = self._slice_tensor(y_preds, indices, expect_shape, tf.float32)
-                self._serialize_tensor(labels, gs, _DEEPINSIGHT_LABELS)
-                self._serialize_tensor(y_preds, gs, _DEEPINSIGHT_PREDS)
+        if labels is None or y_preds is None:
+            self._write_averages(summaries, labels, y_preds, req_times, sample_rates)
+            return None
+        expect_shape = labels.shape.as_list()
+        keep = None
+        if uid_buckets is not None:
+            _tensor_checks.check_shape("uid buckets", uid_buckets, expect_shape)
+            keep = tf.reshape(uid_buckets, [-1]) < int(_UID_SAMPLE_RATE * _RATIO_N)
+            if stopping_signals_sum is not None:
+                keep = tf.math.logical_and(keep, tf.math.equal(stopping_signals_sum, 0))
+        if padding_flag is not None:
+            real = _host_call_summaries.real_examples(padding_flag, labels)
+            keep = real if keep is None else tf.math.logical_and(keep, real)
 
-                if self._enable_deepinsight and req_times is not None:
-                    _tensor_checks.check_rank("req_times (one per replica)", req_times, 2)
-                    # One request time per step and core: repeat it for its examples.
-                    req_times = tf.repeat(req_times, self._top_k_sampling_num_per_core, axis=1)
-                    req_times = self._slice_tensor(req_times, indices, expect_shape, tf.int64)
-                    self._serialize_tensor(req_times, gs, _DEEPINSIGHT_REQ_TIMES)
+        sampled_labels, sampled_preds, sampled_req_times = labels, y_preds, req_times
+        if keep is not None:
+            # A vector even when exactly one example is kept.
+            indices = tf.reshape(tf.where(keep), [-1])
+            sampled_labels = self._slice_tensor(labels, indices, expect_shape, tf.float32)
+            sampled_preds = self._slice_tensor(y_preds, indices, expect_shape, tf.float32)
+        if uid_buckets is not None:
+            summaries.serialized(_DEEPINSIGHT_LABELS, sampled_labels)
+            summaries.serialized(_DEEPINSIGHT_PREDS, sampled_preds)
+            if self._enable_deepinsight and req_times is not None:
+                _tensor_checks.check_rank("req_times (one per replica)", req_times, 2)
+                # One request time per step and core: repeat it for its examples.
+                per_example = tf.repeat(req_times, self._top_k_sampling_num_per_core, axis=1)
+                sampled_req_times = self._slice_tensor(per_example, indices, expect_shape, tf.int64)
+                summaries.serialized(_DEEPINSIGHT_REQ_TIMES, sampled_req_times)
 
-            _, auc_op = tf.compat.v1.metrics.auc(labels=labels, predictions=y_preds)
-            # The value the update returns: this call's examples included, no race.
-            tf.summary.scalar("auc", data=auc_op, step=gs)
+        _, auc_op = tf.compat.v1.metrics.auc(labels=sampled_labels, predictions=sampled_preds)
+        # The value the update returns: this call's examples included, no race.
+        summaries.scalar("auc", auc_op)
+        if self._enable_deepinsight and sample_rates is not None:
+            _tensor_checks.check_rank("sample_rates (one per replica)", sample_rates, 1)
+            # One sample rate stands for all examples of this host call.
+            first_rate = self._slice_tensor(
+                sample_rates, [0], sample_rates.shape.as_list(), tf.float32
+            )
+            summaries.serialized(_DEEPINSIGHT_SAMPLE_RATES, first_rate)
+        self._write_averages(
+            summaries, sampled_labels, sampled_preds, sampled_req_times, sample_rates
+        )
+        return auc_op
 
-            if self._enable_deepinsight and sample_rates is not None:
-                _tensor_checks.check_rank("sample_rates (one per replica)", sample_rates, 1)
-                # One sample rate stands for all examples of this host call.
-                first_rate = self._slice_tensor(
-                    sample_rates, [0], sample_rates.shape.as_list(), tf.float32
-                )
-                self._serialize_tensor(first_rate, gs, _DEEPINSIGHT_SAMPLE_RATES)
-
+    @staticmethod
+    def _write_averages(summaries, labels, y_preds, req_times, sample_rates) -> None:
         for summary_name, value in (
             ("sampled_labels_variable_avg", labels),
             ("sampled_preds_variable_avg", y_preds),
@@ -611,33 +691,52 @@ class BaseEmbeddingHostCall(BaseHostCall):
             ("sample_rates_variable_avg", sample_rates),
         ):
             if value is not None:
-                tf.summary.scalar(summary_name, data=tf.reduce_mean(value), step=gs)
-        return auc_op
+                summaries.scalar(summary_name, tf.reduce_mean(value))
+
+    def _route(
+        self, summaries: _host_call_summaries.HostCallSummaries, tensors: Sequence[tf.Tensor]
+    ) -> Dict[str, tf.Tensor]:
+        """Logs the scalar metrics; returns the other recorded tensors by role.
+
+        One routing rule for both host functions: names with a reduction
+        suffix are logged reduced over replicas; the cached windows (caching
+        mode), the padding flag and (without caching) the AUC inputs are
+        returned under their role; any other name logs replica 0's value.
+        """
+        routed: Dict[str, tf.Tensor] = {}
+        for name, tensor in zip(self._tensor_names[1:], tensors[1:]):
+            if _host_call_summaries.is_reduced_metric(name):
+                summaries.scalar(name, _host_call_summaries.reduced_scalar(name, tensor))
+            elif self._enable_caching_with_tpu_var_mode and name in _TPU_VARIABLE_NAMES:
+                routed[name] = tensor
+            elif _STOPPING_SIGNALS in name:
+                routed[_STOPPING_SIGNALS] = tensor
+            elif not self._enable_caching_with_tpu_var_mode and _auc_input_role(name):
+                routed[_auc_input_role(name)] = tensor
+            else:
+                summaries.scalar(name, _host_call_summaries.reduced_scalar(name, tensor))
+        return routed
 
     def _host_call(self, *args: tf.Tensor) -> tf.Operation:
-        """Host function without caching: each step's recorded tensors."""
+        """Host function without caching: each step's recorded tensors.
+
+        With a recorded padding flag, padding examples are left out of every
+        example summary.
+        """
         gs, tensors = self.decompress_tensors(args)
-        with _HostCallSummaries(self._output_dir) as summaries:
-            labels = y_preds = req_times = sample_rates = uid_buckets = None
-            for name, t in zip(self._tensor_names[1:], tensors[1:]):
-                if "_avg" in name or "_max" in name or "_sum" in name:
-                    tf.summary.scalar(name, data=_reduced_scalar(name, t), step=gs)
-                elif _LABLES_FOR_AUC_CALCULATION in name:
-                    labels = t
-                elif _Y_PRED_FOR_AUC_CALCULATION in name:
-                    y_preds = t
-                elif _REQ_TIME in name:
-                    req_times = tf.expand_dims(t, -1)
-                elif _SAMPLE_RATE in name:
-                    sample_rates = t
-                elif _UID_BUCKET in name:
-                    uid_buckets = t
-                else:
-                    tf.summary.scalar(name, data=_reduced_scalar(name, t), step=gs)
-            summaries.auc_op = self._write_summary_ops(
-                gs, labels, y_preds, uid_buckets, req_times, sample_rates
+        with _host_call_summaries.HostCallSummaries(self._output_dir, gs) as summaries:
+            routed = self._route(summaries, tensors)
+            req_times = routed.get(_REQ_TIME)
+            auc_op = self._write_summary_ops(
+                summaries,
+                routed.get(_LABLES_FOR_AUC_CALCULATION),
+                routed.get(_Y_PRED_FOR_AUC_CALCULATION),
+                routed.get(_UID_BUCKET),
+                None if req_times is None else tf.expand_dims(req_times, -1),
+                routed.get(_SAMPLE_RATE),
+                padding_flag=routed.get(_STOPPING_SIGNALS),
             )
-        return summaries.group()
+        return summaries.group(auc_op)
 
     def _num_replicas(self, args: Sequence[Any]) -> Optional[int]:
         """Replica count: the context's, else (cpu_test) the tensors' leading dimension."""
@@ -646,23 +745,21 @@ class BaseEmbeddingHostCall(BaseHostCall):
         return tf.compat.dimension_value(tf.convert_to_tensor(args[0]).shape[0])
 
     def _host_call_with_tpu(self, *args: tf.Tensor) -> tf.Operation:
-        """Host function in caching mode: the used part of the cached windows."""
+        """Host function in caching mode: the used part of the cached windows.
+
+        Padding examples were cached with an unsampled uid bucket when the
+        flag was recorded before `update_tpu_variables_ops`; otherwise (the
+        original's rule) a flag set at the host-call step drops the window.
+        """
         gs, tensors = self.decompress_tensors(args)
         num_replicas = self._num_replicas(args)
         top_k = self._top_k_sampling_num_per_core
         every_n = self._host_call_every_n_steps
-        cached = {}
-        stopping_signals_sum = None
-        with _HostCallSummaries(self._output_dir) as summaries:
-            for name, t in zip(self._tensor_names[1:], tensors[1:]):
-                if "_avg" in name or "_max" in name or "_sum" in name:
-                    tf.summary.scalar(name, data=_reduced_scalar(name, t), step=gs)
-                elif name in _TPU_VARIABLE_NAMES:
-                    cached[name] = t
-                elif _STOPPING_SIGNALS in name:
-                    stopping_signals_sum = tf.reduce_sum(tf.cast(t, tf.int32))
-                elif name not in _DEPRECATED_METRIC_NAMES:
-                    tf.summary.scalar(name, data=_reduced_scalar(name, t), step=gs)
+        with _host_call_summaries.HostCallSummaries(self._output_dir, gs) as summaries:
+            routed = self._route(summaries, tensors)
+            stopping_signals_sum = None
+            if _STOPPING_SIGNALS in routed:
+                stopping_signals_sum = tf.reduce_sum(tf.cast(routed[_STOPPING_SIGNALS], tf.int32))
 
             for name, shape in (
                 (_LABELS_TPU_VARIABLE, [num_replicas, every_n * top_k]),
@@ -672,36 +769,39 @@ class BaseEmbeddingHostCall(BaseHostCall):
                 (_SAMPLE_RATES_TPU_VARIABLE, [num_replicas, every_n]),
                 (_ACCUMULATED_COUNTER_TPU_VARIABLE, [num_replicas]),
             ):
-                _tensor_checks.check_shape(name, cached[name], shape)
+                _tensor_checks.check_shape(name, routed[name], shape)
 
             # Steps cached in this window (replica 0's count; all cores step together).
-            used_steps = tf.minimum(cached[_ACCUMULATED_COUNTER_TPU_VARIABLE][0], every_n)
+            used_steps = tf.minimum(routed[_ACCUMULATED_COUNTER_TPU_VARIABLE][0], every_n)
             used_slice_len = used_steps * top_k
-            labels = _used_slice(cached[_LABELS_TPU_VARIABLE], used_slice_len)
-            y_preds = _used_slice(cached[_PREDS_TPU_VARIABLE], used_slice_len)
-            uid_buckets = _used_slice(cached[_UID_BUCKETS_TPU_VARIABLE], used_slice_len)
-            req_times = _used_slice(cached[_REQ_TIMES_TPU_VARIABLE], used_steps)
+            labels = _used_slice(routed[_LABELS_TPU_VARIABLE], used_slice_len)
+            y_preds = _used_slice(routed[_PREDS_TPU_VARIABLE], used_slice_len)
+            uid_buckets = _used_slice(routed[_UID_BUCKETS_TPU_VARIABLE], used_slice_len)
+            req_times = _used_slice(routed[_REQ_TIMES_TPU_VARIABLE], used_steps)
             # For speed one sample rate (each core's first) stands for the whole window.
             sample_rates = tf.reshape(
-                tf.slice(cached[_SAMPLE_RATES_TPU_VARIABLE], [0, 0], [-1, 1]), [-1]
+                tf.slice(routed[_SAMPLE_RATES_TPU_VARIABLE], [0, 0], [-1, 1]), [-1]
             )
 
-            tf.summary.scalar(
-                "uid_buckets_tpu_variable_avg", data=tf.reduce_mean(uid_buckets), step=gs
-            )
-            tf.summary.scalar(
+            summaries.scalar("uid_buckets_tpu_variable_avg", tf.reduce_mean(uid_buckets))
+            summaries.scalar(
                 "accumulated_times_tpu_variable_avg",
-                data=tf.reduce_mean(cached[_ACCUMULATED_COUNTER_TPU_VARIABLE]),
-                step=gs,
+                tf.reduce_mean(routed[_ACCUMULATED_COUNTER_TPU_VARIABLE]),
             )
-            tf.summary.scalar("used_slice_len_avg", data=tf.reduce_min(used_slice_len), step=gs)
+            summaries.scalar("used_slice_len_avg", tf.reduce_min(used_slice_len))
             if stopping_signals_sum is not None:
-                tf.summary.scalar("stopping_signals_sum", data=stopping_signals_sum, step=gs)
+                summaries.scalar("stopping_signals_sum", stopping_signals_sum)
 
-            summaries.auc_op = self._write_summary_ops(
-                gs, labels, y_preds, uid_buckets, req_times, sample_rates, stopping_signals_sum
+            auc_op = self._write_summary_ops(
+                summaries,
+                labels,
+                y_preds,
+                uid_buckets,
+                req_times,
+                sample_rates,
+                None if self._padding_masked_in_cache else stopping_signals_sum,
             )
-        return summaries.group()
+        return summaries.group(auc_op)
 
     def generate_host_call_hook(self) -> Optional[Tuple[Callable[..., Any], List[tf.Tensor]]]:
         """TPUEstimator's `host_call`: `(host function, packed tensors)`, or None if disabled.
@@ -736,39 +836,3 @@ def _used_slice(tpu_variable: tf.Tensor, used_elements_count: Any) -> tf.Tensor:
 
 def _maybe_device(device: Optional[str]):
     return contextlib.nullcontext() if device is None else tf.device(device)
-
-
-class _HostCallSummaries:
-    """Summary writer scope of one host-function call; groups the ops it adds.
-
-    Creates the writer TPUEstimator's hooks initialize and flush, makes it
-    the default while the summaries are built, and `group()`s the summary
-    ops created inside (not the rest of the graph's) with the AUC update.
-    """
-
-    def __init__(self, output_dir: str):
-        self._writer = tf.summary.create_file_writer(
-            output_dir + "/host_call", flush_millis=10000, max_queue=5000
-        )
-        self._scope = None
-        self._before: List[Any] = []
-        self._created: List[Any] = []
-        self.auc_op: Optional[tf.Tensor] = None
-
-    def __enter__(self) -> _HostCallSummaries:
-        self._before = list(tf.compat.v1.summary.all_v2_summary_ops() or [])
-        self._scope = self._writer.as_default()
-        self._scope.__enter__()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._scope.__exit__(*exc_info)
-        before = set(self._before)
-        after = tf.compat.v1.summary.all_v2_summary_ops() or []
-        self._created = [op for op in after if op not in before]
-
-    def group(self) -> tf.Operation:
-        ops = list(self._created)
-        if self.auc_op is not None:
-            ops.append(self.auc_op)
-        return tf.group(ops)

@@ -19,6 +19,10 @@ Differences from the original Monolith module:
 - Tensors come back in recording order and `_tensor_names` keeps that order
   (the original reordered both by dtype).
 - User errors raise ValueError/RuntimeError naming the tensor, not `assert`.
+- The recorded global step is read before the step's optimizer increments it
+  (`compress_tensors` orders the read before every writer of the global
+  step, see `_host_call_steps`): it is the global step when the step
+  started, on every step. The original's read raced the increment.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from monolith.core import _host_call_layout, _tensor_checks
+from monolith.core import _host_call_layout, _host_call_steps, _tensor_checks
 
 _GLOBAL_STEP_NAME = "global_step"
 
@@ -56,6 +60,9 @@ class BaseHostCall:
         self._lists_tensor_sizes: List[List[int]] = []
         self._sizes: List[int] = []
         self._packing: Optional[Tuple[_host_call_layout.PackedGroup, ...]] = None
+        # The global-step read and what it reads from, ordered before the
+        # step's writers of the global step when the tensors are compressed.
+        self._global_step_read: Optional[Tuple[tf.Operation, tf.Tensor]] = None
 
         global_step = tf.compat.v1.train.get_global_step()
         if global_step is None:
@@ -66,8 +73,11 @@ class BaseHostCall:
                     "before the host call"
                 )
             return
+        # A fresh read in this step; see _host_call_steps for why it is ordered.
+        value, read_op, source = _host_call_steps.global_step_read(global_step)
+        self._global_step_read = (read_op, source)
         # The host call concatenates every core's tensors along a batch dimension.
-        self._append(_GLOBAL_STEP_NAME, tf.reshape(global_step, [-1]), 1)
+        self._append(_GLOBAL_STEP_NAME, tf.reshape(value, [-1]), 1)
 
     def _append(self, name: str, flat_tensor: tf.Tensor, size: int) -> None:
         self._tensor_names.append(name)
@@ -110,6 +120,11 @@ class BaseHostCall:
 
         Replaces `self._tensors` by the packed tensors, in order of each
         dtype's first recording (so the global step's dtype comes first).
+        Also makes every op built so far that writes the global step (the
+        optimizer's increment) wait for the recorded global-step read, so
+        the step number is the global step when the step started, never the
+        value after its increment: call it (`generate_host_call_hook`) after
+        building the train op.
 
         Raises:
           RuntimeError: If called twice.
@@ -132,6 +147,8 @@ class BaseHostCall:
             )
         self._packing = packing
         self._tensors = packed
+        if self._global_step_read is not None:
+            _host_call_steps.order_before_writers(*self._global_step_read)
 
     def decompress_tensors(self, tensors: Sequence[Any]) -> Tuple[tf.Tensor, List[tf.Tensor]]:
         """Splits the packed tensors the host function received.

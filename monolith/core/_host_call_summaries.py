@@ -1,0 +1,133 @@
+"""The summary side of the embedding host call: writer scope, step gating, example selection.
+
+Runs while TPUEstimator builds the host function (on the host). Every
+summary is written with `tf.summary` under one writer at
+`output_dir + "/host_call"`, at the step number the TPU step recorded, made
+unique on the host (see `_host_call_steps`). The ops `tf.summary` returns
+are collected, so the host function returns exactly its own summary ops, not
+every summary op of the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import tensorflow as tf
+
+from monolith.core import _host_call_steps, _tensor_checks
+
+UID_SAMPLE_RATE = 0.01
+RATIO_N = 1000
+#: The uid bucket cached for a padding example: never below the sampled range.
+UNSAMPLED_UID_BUCKET = RATIO_N
+
+DEEPINSIGHT_SAMPLE_RATES = "di_example_sample_rates"
+DEEPINSIGHT_LABELS = "di_labels"
+DEEPINSIGHT_PREDS = "di_preds"
+DEEPINSIGHT_REQ_TIMES = "di_req_times"
+
+_REDUCED_SUFFIXES = ("_avg", "_max", "_sum")
+
+
+def is_reduced_metric(name: str) -> bool:
+    """Whether `name` asks for a reduction over replicas (`_avg`, `_max`, `_sum`)."""
+    return any(suffix in name for suffix in _REDUCED_SUFFIXES)
+
+
+def reduced_scalar(name: str, tensor: tf.Tensor) -> tf.Tensor:
+    """The scalar logged for a metric: reduced by suffix, else replica 0's value."""
+    if "_avg" in name:
+        return tf.reduce_mean(tensor)
+    if "_max" in name:
+        return tf.reduce_max(tensor)
+    if "_sum" in name:
+        return tf.reduce_sum(tensor)
+    if tensor.shape.rank != 1:
+        raise ValueError(
+            f"tensor {name!r} has shape {tensor.shape} on the host: only scalars can be "
+            "logged without an _avg, _max or _sum suffix"
+        )
+    return tensor[0]
+
+
+class HostCallSummaries:
+    """Summary writer scope of one host-function call; collects the ops it writes.
+
+    Creates the writer TPUEstimator's hooks initialize and flush and makes it
+    the default while the summaries are built. Every summary is written at
+    the call's unique step number (`StepNumbers`).
+
+    Args:
+      output_dir: Summaries go to `output_dir + "/host_call"`.
+      step: The step number (scalar) the TPU step recorded.
+    """
+
+    def __init__(self, output_dir: str, step: tf.Tensor):
+        self._writer = tf.summary.create_file_writer(
+            output_dir + "/host_call", flush_millis=10000, max_queue=5000
+        )
+        self._numbers = _host_call_steps.StepNumbers(step)
+        self.step = self._numbers.number
+        self._scope: Any = None
+        self._ops: List[Any] = []
+
+    def __enter__(self) -> HostCallSummaries:
+        self._scope = self._writer.as_default()
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._scope.__exit__(*exc_info)
+
+    def scalar(self, name: str, data: Any) -> None:
+        self._ops.append(tf.summary.scalar(name, data=data, step=self.step))
+
+    def serialized(self, name: str, tensor: tf.Tensor) -> None:
+        """A text summary holding `tf.io.serialize_tensor(tensor)` (a DeepInsight payload)."""
+        self._ops.append(tf.summary.text(name, data=tf.io.serialize_tensor(tensor), step=self.step))
+
+    def group(self, *extra_ops: Any) -> tf.Operation:
+        """The written summaries, `extra_ops` (not None) and the step-number update, grouped."""
+        extra = [op for op in extra_ops if op is not None]
+        mark = self._numbers.mark(self._ops + extra)
+        return tf.group(self._ops + extra + [mark])
+
+
+def width(tensor: tf.Tensor) -> int:
+    """Elements per replica of a host-side tensor (`[num_replicas]` or `[num_replicas, k]`)."""
+    return 1 if tensor.shape.rank == 1 else tf.compat.dimension_value(tensor.shape[1])
+
+
+def real_examples(padding_flag: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Flat bool mask of the examples of `labels` that are not padding.
+
+    Args:
+      padding_flag: The recorded `stopping_signals`, `[num_replicas]` (one
+        flag per replica and step: it applies to all of the replica's
+        examples) or `[num_replicas, k]` with the labels' k (one per example).
+        Bool or integer; True / non-zero marks padding.
+      labels: `[num_replicas]` or `[num_replicas, k]`.
+
+    Raises:
+      ValueError: If the flag has neither one element nor one per example.
+    """
+    flag_width, label_width = width(padding_flag), width(labels)
+    if flag_width not in (1, label_width):
+        raise ValueError(
+            f"stopping_signals has {flag_width} elements per replica (shape "
+            f"{padding_flag.shape}); record one per example of labels_for_auc_calculation "
+            f"({label_width}, shape {labels.shape}) or a single one per replica"
+        )
+    padding = tf.not_equal(tf.reshape(tf.cast(padding_flag, tf.int32), [-1, flag_width]), 0)
+    padding = tf.broadcast_to(padding, tf.shape(tf.reshape(labels, [-1, label_width])))
+    return tf.logical_not(tf.reshape(padding, [-1]))
+
+
+def gather_flat(
+    tensor: Any, indices: Any, expect_shape: List[Any], expect_dtype: tf.DType
+) -> tf.Tensor:
+    """The elements of the flattened `tensor` at `indices`, after checking its shape and dtype."""
+    _tensor_checks.check_not_none("tensor", tensor)
+    _tensor_checks.check_shape(f"tensor {getattr(tensor, 'name', '')}", tensor, expect_shape)
+    _tensor_checks.check_dtype(f"tensor {getattr(tensor, 'name', '')}", tensor, expect_dtype)
+    return tf.gather(tf.reshape(tensor, [-1]), indices)

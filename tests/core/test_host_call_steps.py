@@ -1,0 +1,170 @@
+"""Each step's host-call summaries are logged once, under that step's number.
+
+The host call's global-step read is ordered before the optimizer's increment,
+so the number is the global step when the step started (0, 1, ..., N-1 for N
+steps from scratch). Unordered, the read raced the increment and some steps
+were logged under the next step's number (a duplicate and a gap).
+
+The structural test fails deterministically on the racy version; the runs
+check the event files of many steps in TPUEstimator(use_tpu=False) and the
+emulated TPU loop, and the padding-step rules (a step whose global-step
+update is skipped, as under `skip_padding_steps`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
+
+from monolith.core import testing
+from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
+from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, append_stopping_signals
+from tests.core._host_call_helpers import read_events
+
+pytestmark = pytest.mark.timeout(120)
+
+BATCH = 2
+DIM = 4
+
+
+def _dataset(num_batches):
+    x = np.arange(num_batches * BATCH * DIM, dtype=np.float32).reshape([-1, DIM]) / 1000.0
+    labels = (np.arange(num_batches * BATCH) % 2).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices(({"x": x}, labels)).batch(BATCH, drop_remainder=True)
+
+
+def _host_call(model_dir):
+    return BaseEmbeddingHostCall(
+        model_dir,
+        enable_host_call=True,
+        enable_deepinsight=False,
+        enable_host_call_scalar_metrics=True,
+        enable_caching_with_tpu_var_mode=False,
+        top_k_sampling_num_per_core=BATCH,
+        params={"enable_host_call": True, "cpu_test": True, "host_call_every_n_steps": 1},
+    )
+
+
+def _make_model_fn(skip_padding=False, record_flag=False):
+    """A linear model; `skip_padding`: the global step advances on real steps only."""
+
+    def model_fn(features, labels, mode, params):
+        weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
+        loss = tf.reduce_mean(tf.square(tf.reduce_sum(features["x"] * weights, -1) - labels))
+        host_call = _host_call(params["model_dir"])
+        host_call.record_summary_tensor("loss_avg", loss)
+        global_step = tf.compat.v1.train.get_global_step()
+        optimizer = tf.compat.v1.train.GradientDescentOptimizer(1e-3)
+        if skip_padding:
+            padding = tf.reduce_any(features[USER_PROVIDED_SIGNAL_NAME])
+            with tf.control_dependencies([optimizer.minimize(loss)]):
+                # Like skip_padding_steps: a conditional that advances the step.
+                train_op = tf.cond(
+                    padding,
+                    lambda: tf.identity(global_step),
+                    lambda: global_step.assign_add(1, read_value=True),
+                )
+        else:
+            train_op = optimizer.minimize(loss, global_step)
+        if record_flag:
+            host_call.record_summary_tensor("stopping_signals", features[USER_PROVIDED_SIGNAL_NAME])
+        return tpu_estimator.TPUEstimatorSpec(
+            mode, loss=loss, train_op=train_op, host_call=host_call.generate_host_call_hook()
+        )
+
+    return model_fn
+
+
+def _logged_steps(model_dir, tag="loss_avg"):
+    return [step for step, _ in read_events(os.path.join(model_dir, "host_call"))[tag]]
+
+
+def _describe(steps):
+    counts = collections.Counter(steps)
+    duplicates = sorted(s for s, c in counts.items() if c > 1)
+    gaps = sorted(set(range(max(steps) + 1)) - set(steps))
+    return f"duplicates {duplicates}, gaps {gaps}"
+
+
+def test_the_global_step_read_runs_before_the_optimizer_increments_it():
+    with tf.Graph().as_default():
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
+        loss = tf.reduce_sum(tf.square(weights - 1.0))
+        host_call = _host_call("/tmp/unused")
+        host_call.record_summary_tensor("loss_avg", loss)
+        tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(loss, global_step)
+        host_call.generate_host_call_hook()
+
+        read_op = host_call._global_step_read[0]
+        increments = [
+            op
+            for op in tf.compat.v1.get_default_graph().get_operations()
+            if op.type in ("AssignAddVariableOp", "AssignAdd")
+        ]
+        assert increments
+        for op in increments:
+            assert read_op in op.control_inputs
+
+
+STEPS = 300
+
+
+def test_tpuestimator_logs_each_step_once_under_its_number(tmp_path):
+    model_dir = str(tmp_path)
+    estimator = tpu_estimator.TPUEstimator(
+        model_fn=_make_model_fn(),
+        config=tpu_config.RunConfig(
+            model_dir=model_dir, tpu_config=tpu_config.TPUConfig(iterations_per_loop=50)
+        ),
+        use_tpu=False,
+        train_batch_size=BATCH,
+        params={"model_dir": model_dir},
+    )
+    estimator.train(lambda params: _dataset(STEPS))
+
+    steps = _logged_steps(model_dir)
+    assert steps == list(range(STEPS)), _describe(steps)
+
+
+def test_emulated_loop_logs_each_step_once_under_its_number(tmp_path):
+    model_dir = str(tmp_path)
+    result = testing.train(
+        _make_model_fn(),
+        lambda params: append_stopping_signals(_dataset(STEPS)),
+        model_dir=model_dir,
+        iterations_per_loop=50,
+        params={"model_dir": model_dir},
+    )
+
+    steps = _logged_steps(model_dir)
+    # Padding steps (no flag recorded) advance the global step and log too.
+    assert result.steps_run == STEPS + 50  # a whole loop of padding steps
+    assert steps == list(range(result.steps_run)), _describe(steps)
+
+
+REAL_STEPS = 40
+
+
+@pytest.mark.parametrize("record_flag", [False, True], ids=["without-flag", "with-flag"])
+def test_steps_that_do_not_advance_the_global_step_get_the_next_free_numbers(tmp_path, record_flag):
+    model_dir = str(tmp_path)
+    result = testing.train(
+        _make_model_fn(skip_padding=True, record_flag=record_flag),
+        lambda params: append_stopping_signals(_dataset(REAL_STEPS)),
+        model_dir=model_dir,
+        iterations_per_loop=6,
+        params={"model_dir": model_dir},
+    )
+
+    assert result.steps_run == REAL_STEPS + 2  # 2 padding steps
+    assert result.global_step == REAL_STEPS
+    # Both padding steps read the global step REAL_STEPS: they log under
+    # REAL_STEPS and REAL_STEPS + 1, not twice under one number.
+    steps = _logged_steps(model_dir)
+    assert steps == list(range(REAL_STEPS + 2)), _describe(steps)
