@@ -220,7 +220,9 @@ def test_train_passes_params_to_input_fn_and_model_fn(tmp_path):
         return counting_model_fn(features, mode, params)
 
     testing.train(model_fn, input_fn, model_dir=str(tmp_path), params={"tag": "x"})
-    assert seen == {"input_fn": "x", "model_fn": ("x", None, "train", None)}
+    tag, labels, mode, config = seen["model_fn"]
+    assert (seen["input_fn"], tag, labels, mode) == ("x", "x", None, "train")
+    assert isinstance(config, tpu_config.RunConfig) and config.model_dir == str(tmp_path)
 
 
 def test_train_splits_features_and_labels(tmp_path):

@@ -1,0 +1,84 @@
+"""What the emulator returns: the built graph pieces and the outcome of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import tensorflow as tf
+from tensorflow_estimator.python.estimator.tpu import error_handling
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatedTPUTraining:
+    """The graph pieces `build_emulated_training` created.
+
+    Attributes:
+      hook: The feed hook (an instance of `hook_class`), built with exactly the
+        keyword arguments TPUEstimator passes.
+      train_op: Runs one loop of `iterations_per_loop` steps.
+      loss: The loss of the loop's last step (float32).
+      loop_steps: How many steps the loop ran (int32), fetch with `train_op`.
+      global_step: The global step variable.
+      global_step_after_loop: The global step read after the loop.
+      iterations_per_loop_var: `tpu_estimator/iterations_per_loop`.
+      enqueue_ops: What the infeed thread runs.
+      dequeue_ops: What the outfeed thread runs (dict, see the module docstring).
+      rendezvous: The `ErrorRendezvous` given to the hook.
+      training_hooks: `TPUEstimatorSpec.training_hooks` of the model_fn.
+      iterator_initializer: Initialises the input iterator (also run by the
+        hook, as one of its `tpu_init_ops`, before the feed threads start).
+      batch_size: The global batch size (`train_batch_size`, else the static
+        leading dimension of the input's first component, else None).
+    """
+
+    hook: tf.compat.v1.train.SessionRunHook
+    train_op: tf.Operation
+    loss: tf.Tensor
+    loop_steps: tf.Tensor
+    global_step: tf.Variable
+    global_step_after_loop: tf.Tensor
+    iterations_per_loop_var: tf.Variable
+    enqueue_ops: list
+    dequeue_ops: dict
+    rendezvous: error_handling.ErrorRendezvous
+    training_hooks: tuple
+    iterator_initializer: tf.Operation
+    batch_size: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What one `train()` call did.
+
+    Attributes:
+      global_step: Global step after training (as in the final checkpoint).
+      steps_run: Train steps this call ran (loop iterations), padding steps included.
+      loops_run: `session.run(train_op)` calls, i.e. loops, this call ran.
+      stopped_at_end_of_stream: Whether the hook stopped training because the
+        stream ended (False when steps/max_steps, or the feed hook's SIGTERM
+        stop, stopped it first).
+      final_checkpoint: Path prefix of the latest checkpoint in `model_dir`.
+      loss: Loss of the last step run (None when no loop ran).
+      initial_global_step: Global step when the session was created (restored
+        from `model_dir`, 0 for a new one).
+    """
+
+    global_step: int
+    steps_run: int
+    loops_run: int
+    stopped_at_end_of_stream: bool
+    final_checkpoint: Optional[str]
+    loss: Optional[float]
+    initial_global_step: int = 0
+
+    @property
+    def uncounted_steps(self) -> int:
+        """Steps this call ran that did not advance the global step.
+
+        With `skip_padding_steps` these are the padding steps (they ran and
+        trained nothing); without it, 0, since every step advances the global
+        step. Steps undone by a session recreation (MonitoredSession restores
+        the last checkpoint after AbortedError/UnavailableError) count too.
+        """
+        return self.steps_run - (self.global_step - self.initial_global_step)
