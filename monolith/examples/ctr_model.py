@@ -10,8 +10,9 @@ which run unchanged on a Cloud TPU and on CPU through `monolith.core.testing`:
 * `model_fn` looks up user and item embeddings (Adagrad) and runs a two-layer
   MLP (Adam), both optimizers wrapped with `skip_padding_steps` so a padding
   step changes no weight, slot or global step; it counts the examples trained
-  in a checkpointed variable, and records its metrics with
-  `BaseEmbeddingHostCall` for AUC and DeepInsight summaries.
+  in a checkpointed variable, and records its metrics, with the per-example
+  padding flag as `stopping_signals`, with `BaseEmbeddingHostCall` for AUC
+  and DeepInsight summaries.
 
 Params (beyond TPUEstimator's `batch_size` and `context`): `model_dir`,
 `num_examples`, `seed`, `on_tpu`.
@@ -40,8 +41,6 @@ HIDDEN_UNITS = 32
 # Users hash into 100 of the host call's 1000 uid buckets, so its 1% user
 # sample (buckets < 10) holds about 10% of the examples.
 NUM_UID_BUCKETS = 100
-# Outside every sampled bucket: padding examples never reach the AUC.
-UNSAMPLED_UID_BUCKET = 1_000
 FIRST_REQ_TIME = 1_700_000_000
 # Examples drawn per stateless op call (see `synthetic_click_log`).
 EXAMPLES_PER_BLOCK = 1_024
@@ -256,10 +255,10 @@ def model_fn(features, labels, mode, params):
     )
     host_call.record_summary_tensor("labels_for_auc_calculation", labels)
     host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
-    uid_bucket = tf.where(
-        padding, tf.fill(tf.shape(padding), UNSAMPLED_UID_BUCKET), features["uid_bucket"]
-    )
-    host_call.record_summary_tensor("uid_bucket", uid_bucket)
+    host_call.record_summary_tensor("uid_bucket", features["uid_bucket"])
+    # The per-example padding flag: the host call drops padding examples from
+    # the AUC, the DeepInsight payloads and the sampled averages.
+    host_call.record_summary_tensor("stopping_signals", padding)
     host_call.record_summary_tensor("req_time", features["req_time"][:1])
     host_call.record_summary_tensor("sample_rate", tf.constant([1.0]))
     host_call.record_summary_tensor("loss_avg", loss)

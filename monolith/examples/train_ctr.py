@@ -67,7 +67,8 @@ class Report:
       total_examples: Examples the model has trained, over all runs.
       final_checkpoint: Path prefix of the final checkpoint.
       tensorboard_logdir: The host call's summaries.
-      last_auc: The `auc` summary with the highest step, if any.
+      last_auc: The `auc` summary with the highest step, if this run trained
+        any example and wrote one.
     """
 
     stop_reason: Optional[preemption.StopReason]
@@ -83,6 +84,8 @@ class Report:
 
     def lines(self) -> list:
         auc = "none written" if self.last_auc is None else f"{self.last_auc:.4f}"
+        if not self.examples:
+            auc = "none (this run trained no example)"
         lines = [_STOP_LINES.get(self.stop_reason, _STOP_LINES[None]).format(self=self)]
         if self.start_step:
             lines.append(
@@ -154,13 +157,18 @@ class _Progress:
 
 
 def last_auc(logdir: str) -> Optional[float]:
-    """The `auc` summary with the highest step in `logdir`'s event files, if any."""
+    """The `auc` summary with the highest step in `logdir`'s event files, if any.
+
+    Of summaries at the same step (a rerun writes its own event file), the
+    latest written wins.
+    """
     found = None
     for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag == "auc" and (found is None or event.step >= found[0]):
-                    found = (event.step, float(tf.make_ndarray(value.tensor)))
+                key = (event.step, event.wall_time)
+                if value.tag == "auc" and (found is None or key >= found[0]):
+                    found = (key, float(tf.make_ndarray(value.tensor)))
     return None if found is None else found[1]
 
 
@@ -207,7 +215,9 @@ def build_report(model_dir: str, start: _Counters, steps_run: Optional[int] = No
         total_examples=end.examples,
         final_checkpoint=end.checkpoint,
         tensorboard_logdir=logdir,
-        last_auc=last_auc(logdir),
+        # A run that trained no example (a rerun of a finished model_dir) has
+        # no AUC of its own: its streaming AUC saw nothing.
+        last_auc=last_auc(logdir) if end.examples > start.examples else None,
     )
 
 

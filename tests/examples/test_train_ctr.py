@@ -54,6 +54,17 @@ def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0)
     return _variables(tf.train.latest_checkpoint(model_dir))
 
 
+def _summary_steps(logdir: str, tag: str) -> list:
+    """The steps of every `tag` summary in `logdir`'s event files."""
+    return [
+        event.step
+        for path in sorted(os.listdir(logdir))
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, path))
+        for value in event.summary.value
+        if value.tag == tag
+    ]
+
+
 def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys):
     report = train_ctr.main([*SMALL, "--model_dir", str(tmp_path)])
 
@@ -69,6 +80,11 @@ def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys):
     assert report.final_checkpoint.endswith("model.ckpt-40")
     assert report.tensorboard_logdir == os.path.join(str(tmp_path), "host_call")
     assert 0.5 < report.last_auc <= 1.0
+    # One auc summary per step, under that step's number: the 40 real steps
+    # are steps 0-39, each logged once.
+    auc_steps = _summary_steps(report.tensorboard_logdir, "auc")
+    assert len(auc_steps) == len(set(auc_steps))
+    assert sorted(auc_steps)[:40] == list(range(40))
     out = capsys.readouterr().out
     assert "Training stopped at the end of the input stream." in out
     assert "steps trained:     40 (global step 40)" in out
@@ -108,7 +124,9 @@ def test_a_second_run_on_a_finished_model_dir_trains_nothing_more(tmp_path, caps
     assert report.padding_steps == 4
     assert (report.examples, report.total_examples) == (0, 2560)
     _assert_same_variables(_variables(report.final_checkpoint), finished)
+    assert report.last_auc is None
     out = capsys.readouterr().out
+    assert "last AUC:          none (this run trained no example)" in out
     assert "resumed at step:   40 (its batches skipped, not trained again)" in out
     assert "steps trained:     0 (global step 40)" in out
     assert "examples trained:  0 (2560 in the model)" in out
