@@ -196,6 +196,43 @@ def _optimizer(
     return optimizer
 
 
+def _minimize(
+    loss: tf.Tensor, embeddings: list, features: Mapping[str, tf.Tensor], on_tpu: bool
+) -> tf.Operation:
+    """Adagrad on the embedding tables, Adam on the dense layers; neither trains on padding.
+
+    Adam's moments and beta powers would move on a padding step even with a
+    zero gradient: `skip_padding_steps` applies nothing on such a step, and
+    the global step (advanced by the dense update) counts real steps only.
+    """
+    sparse = {table.ref() for table in embeddings}
+    dense_layers = [v for v in tf.compat.v1.trainable_variables() if v.ref() not in sparse]
+    embedding_update = _optimizer(
+        tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5), features, on_tpu
+    ).minimize(loss, var_list=embeddings)
+    dense_update = _optimizer(
+        tf.compat.v1.train.AdamOptimizer(learning_rate=0.003), features, on_tpu
+    ).minimize(loss, var_list=dense_layers, global_step=tf.compat.v1.train.get_global_step())
+    return tf.group(embedding_update, dense_update)
+
+
+def _host_call(params: Mapping[str, Any], on_tpu: bool) -> BaseEmbeddingHostCall:
+    return BaseEmbeddingHostCall(
+        params["model_dir"],
+        enable_host_call=True,
+        enable_deepinsight=True,
+        enable_host_call_scalar_metrics=True,
+        enable_caching_with_tpu_var_mode=False,
+        top_k_sampling_num_per_core=params["batch_size"],
+        params={
+            **params,
+            "enable_host_call": True,
+            "cpu_test": not on_tpu,
+            "host_call_every_n_steps": 1,
+        },
+    )
+
+
 def model_fn(features, labels, mode, params):
     """Embeddings + MLP click model; records AUC metrics with the host call."""
     del mode  # Training only.
@@ -227,32 +264,14 @@ def model_fn(features, labels, mode, params):
     per_example = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
     loss = tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
-    # Sparse embedding rows with Adagrad; the dense layers with Adam, whose
-    # moments and beta powers would move on padding steps without the wrapper.
-    sparse = {table.ref() for table in embeddings}
-    dense_layers = [v for v in tf.compat.v1.trainable_variables() if v.ref() not in sparse]
-    embedding_update = _optimizer(
-        tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5), features, on_tpu
-    ).minimize(loss, var_list=embeddings)
-    dense_update = _optimizer(
-        tf.compat.v1.train.AdamOptimizer(learning_rate=0.003), features, on_tpu
-    ).minimize(loss, var_list=dense_layers, global_step=tf.compat.v1.train.get_global_step())
-    train_op = tf.group(embedding_update, dense_update, _count_examples_trained(padding, on_tpu))
-
-    host_call = BaseEmbeddingHostCall(
-        params["model_dir"],
-        enable_host_call=True,
-        enable_deepinsight=True,
-        enable_host_call_scalar_metrics=True,
-        enable_caching_with_tpu_var_mode=False,
-        top_k_sampling_num_per_core=params["batch_size"],
-        params={
-            **params,
-            "enable_host_call": True,
-            "cpu_test": not on_tpu,
-            "host_call_every_n_steps": 1,
-        },
+    # Built before the train op: the host call reads the global step here and
+    # orders that read before the optimizer's increment, so every step's
+    # summaries are logged under that step's number.
+    host_call = _host_call(params, on_tpu)
+    train_op = tf.group(
+        _minimize(loss, embeddings, features, on_tpu), _count_examples_trained(padding, on_tpu)
     )
+
     host_call.record_summary_tensor("labels_for_auc_calculation", labels)
     host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
     host_call.record_summary_tensor("uid_bucket", features["uid_bucket"])
