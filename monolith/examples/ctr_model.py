@@ -204,16 +204,32 @@ def _minimize(
     Adam's moments and beta powers would move on a padding step even with a
     zero gradient: `skip_padding_steps` applies nothing on such a step, and
     the global step (advanced by the dense update) counts real steps only.
+
+    One backward pass for both optimizers: with two `minimize` calls, the
+    embeddings' gradient could read a dense kernel the other update had
+    already changed (v1 graphs' reference variables), and training would no
+    longer be deterministic.
     """
     sparse = {table.ref() for table in embeddings}
     dense_layers = [v for v in tf.compat.v1.trainable_variables() if v.ref() not in sparse]
-    embedding_update = _optimizer(
+    embedding_optimizer = _optimizer(
         tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5), features, on_tpu
-    ).minimize(loss, var_list=embeddings)
-    dense_update = _optimizer(
+    )
+    dense_optimizer = _optimizer(
         tf.compat.v1.train.AdamOptimizer(learning_rate=0.003), features, on_tpu
-    ).minimize(loss, var_list=dense_layers, global_step=tf.compat.v1.train.get_global_step())
-    return tf.group(embedding_update, dense_update)
+    )
+    grads_and_vars = dense_optimizer.compute_gradients(
+        loss,
+        var_list=embeddings + dense_layers,
+        gate_gradients=tf.compat.v1.train.Optimizer.GATE_GRAPH,
+    )
+    num_tables = len(embeddings)
+    return tf.group(
+        embedding_optimizer.apply_gradients(grads_and_vars[:num_tables]),
+        dense_optimizer.apply_gradients(
+            grads_and_vars[num_tables:], global_step=tf.compat.v1.train.get_global_step()
+        ),
+    )
 
 
 def _host_call(params: Mapping[str, Any], on_tpu: bool) -> BaseEmbeddingHostCall:
