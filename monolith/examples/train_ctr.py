@@ -118,14 +118,19 @@ _STOP_LINES = {
 
 
 def exit_code(report: Report) -> int:
-    """The process exit code for `report`: `RESTART_EXIT_CODE` after a SIGTERM stop, else 0.
+    """The process exit code for `report`.
 
-    A job launcher then restarts a preempted run instead of taking it for a
-    finished one (the convention of TF's `PreemptionCheckpointHandler`).
+    0 when the stream was trained to its end; `RESTART_EXIT_CODE` (42) after
+    a SIGTERM stop, so a job launcher restarts a preempted run instead of
+    taking it for a finished one (the convention of TF's
+    `PreemptionCheckpointHandler`); 1 when the feed hook did not stop
+    training (it ended some other way before the end of the stream).
     """
+    if report.stop_reason is preemption.StopReason.END_OF_STREAM:
+        return 0
     if report.stop_reason is preemption.StopReason.SIGTERM:
         return preemption.RESTART_EXIT_CODE
-    return 0
+    return 1
 
 
 class _Progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -55,10 +56,10 @@ def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0)
     return _variables(tf.train.latest_checkpoint(model_dir))
 
 
-def _summary_steps(logdir: str, tag: str) -> list:
-    """The steps of every `tag` summary in `logdir`'s event files."""
+def _summaries(logdir: str, tag: str) -> list:
+    """`(step, value)` of every `tag` summary in `logdir`'s event files."""
     return [
-        event.step
+        (event.step, float(tf.make_ndarray(value.tensor)))
         for path in sorted(os.listdir(logdir))
         for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, path))
         for value in event.summary.value
@@ -72,6 +73,7 @@ def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys, c
 
     assert report.stop_reason is preemption.StopReason.END_OF_STREAM
     assert train_ctr.exit_code(report) == 0
+    assert train_ctr.exit_code(dataclasses.replace(report, stop_reason=None)) == 1
     # 40 real batches fill loops 1-10 exactly, so the first padding batch opens
     # loop 11 and that whole loop (4 steps) is padding: the worst case. The
     # global step counts the real steps only.
@@ -84,9 +86,12 @@ def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys, c
     assert 0.5 < report.last_auc <= 1.0
     # One auc summary per step, under that step's number: the 40 real steps
     # are steps 0-39, each logged once.
-    auc_steps = _summary_steps(report.tensorboard_logdir, "auc")
-    assert len(auc_steps) == len(set(auc_steps))
-    assert sorted(auc_steps)[:40] == list(range(40))
+    summaries = _summaries(report.tensorboard_logdir, "auc")
+    assert sorted(step for step, _ in summaries) == list(range(44))
+    auc = dict(summaries)
+    # The 4 padding steps (logged as 40-43) add no example to the streaming
+    # AUC: the stopping_signals flag keeps padding out.
+    assert [auc[step] for step in range(40, 44)] == [auc[39]] * 4
     # The host call is built before the train op, so its global-step read is
     # ordered before the optimizer's increment (else it warns of a race).
     assert "No op writes the global step" not in caplog.text
