@@ -77,6 +77,11 @@ def skip_padding_steps(optimizer: _Optimizer, features: Any) -> _Optimizer:
     graph behaviour. An optimizer that creates variables elsewhere than in
     `_create_slots` (e.g. `SyncReplicasOptimizer`) is not supported.
 
+    Because the global step stays put on padding, a run that nothing stops at
+    the end of the stream (`TPUEstimator(use_tpu=False)` runs no feed hook)
+    and whose `steps`/`max_steps` exceed the real batches trains padding
+    (doing nothing) forever: give it at most the number of real batches.
+
     Args:
       optimizer: A `tf.compat.v1.train.Optimizer` (Keras optimizers are not:
         TPUEstimator's `minimize(..., global_step=...)` needs a v1 optimizer).

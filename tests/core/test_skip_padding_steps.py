@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_ops
-from tensorflow_estimator.python.estimator.tpu import tpu_config
+from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 from tensorflow_estimator.python.estimator.tpu.tpu_estimator import TPUEstimatorSpec
 
 from monolith.core import simulated_tpu, testing
@@ -217,35 +217,58 @@ def test_checkpoints_restore_with_and_without_the_wrapper(tmp_path, first, secon
     np.testing.assert_allclose(after[beta1_power], before[beta1_power] * 0.81, rtol=1e-6)
 
 
-def test_the_wrapper_adds_no_variables(tmp_path):
-    with tf.Graph().as_default():
-        w = tf.compat.v1.get_variable("w", [2], initializer=tf.compat.v1.zeros_initializer())
-        flag = tf.compat.v1.placeholder(tf.bool, [4])
-        global_step = tf.compat.v1.train.get_or_create_global_step()
-        before = {v.name for v in tf.compat.v1.global_variables()}
-        plain = tf.compat.v1.train.AdamOptimizer(0.1)
-        plain._create_slots([w])
-        names_plain = {v.name for v in tf.compat.v1.global_variables()} - before
-    with tf.Graph().as_default():
-        w = tf.compat.v1.get_variable("w", [2], initializer=tf.compat.v1.zeros_initializer())
-        flag = tf.compat.v1.placeholder(tf.bool, [4])
-        global_step = tf.compat.v1.train.get_or_create_global_step()
-        before = {v.name for v in tf.compat.v1.global_variables()}
-        wrapped = skip_padding_steps(tf.compat.v1.train.AdamOptimizer(0.1), flag)
-        train_op = wrapped.minimize(tf.reduce_sum(w), global_step=global_step)
-        names_wrapped = {v.name for v in tf.compat.v1.global_variables()} - before
-        assert names_wrapped == names_plain
-        assert sorted(v.name for v in wrapped.variables()) == sorted(names_plain)
-        assert wrapped.get_slot_names() == ["m", "v"]
-        assert wrapped.get_slot(w, "m") is not None
+def _adam_on_one_variable(wrap_with_flag=None):
+    """(w, global_step, optimizer, train_op) in the default graph; d(loss)/dw = 1."""
+    w = tf.compat.v1.get_variable("w", [2], initializer=tf.compat.v1.zeros_initializer())
+    global_step = tf.compat.v1.train.get_or_create_global_step()
+    optimizer = tf.compat.v1.train.AdamOptimizer(0.1)
+    if wrap_with_flag is not None:
+        optimizer = skip_padding_steps(optimizer, wrap_with_flag)
+    train_op = optimizer.minimize(tf.reduce_sum(w), global_step=global_step)
+    return w, global_step, optimizer, train_op
 
+
+def _variable_names():
+    return sorted(v.name for v in tf.compat.v1.global_variables())
+
+
+def test_the_wrapper_creates_no_variables_and_keeps_the_inner_names():
+    with tf.Graph().as_default():
+        _adam_on_one_variable()
+        plain = _variable_names()
+    with tf.Graph().as_default():
+        w, _, wrapped, _ = _adam_on_one_variable(tf.compat.v1.placeholder(tf.bool, [4]))
+        assert _variable_names() == plain
+        assert sorted(v.name for v in wrapped.variables()) == [
+            name for name in plain if name not in ("w:0", "global_step:0")
+        ]
+        assert wrapped.get_slot_names() == ["m", "v"]
+        assert wrapped.get_slot(w, "m").name == "w/Adam:0"
+
+
+@pytest.mark.parametrize(
+    "dtype, padding, real",
+    [
+        (tf.bool, [False, True, False, False], [False] * 4),
+        (tf.int32, [0, 0, 0, 1], [0] * 4),
+        (tf.int64, [2, 0, 0, 0], [0] * 4),
+        (tf.bool, True, False),  # a scalar flag
+    ],
+    ids=["bool", "int32", "int64", "scalar"],
+)
+def test_any_flagged_example_makes_the_step_padding(dtype, padding, real):
+    with tf.Graph().as_default():
+        flag = tf.compat.v1.placeholder(dtype, np.shape(padding))
+        w, global_step, _, train_op = _adam_on_one_variable({USER_PROVIDED_SIGNAL_NAME: flag})
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
-            session.run(train_op, {flag: [True, False, False, False]})
-            assert session.run(global_step) == 0
-            np.testing.assert_array_equal(session.run(w), [0.0, 0.0])
-            session.run(train_op, {flag: [False] * 4})
+            initial = session.run(tf.compat.v1.global_variables())
+            session.run(train_op, {flag: padding})
+            for before, after in zip(initial, session.run(tf.compat.v1.global_variables())):
+                np.testing.assert_array_equal(after, before)
+            session.run(train_op, {flag: real})
             assert session.run(global_step) == 1
+            # Adam's first step moves each weight by the learning rate against the gradient.
             np.testing.assert_allclose(session.run(w), [-0.1, -0.1], rtol=1e-5)
 
 
@@ -290,7 +313,7 @@ def test_rejects_a_float_flag():
         )
 
 
-def test_accepts_an_integer_flag_tensor_and_no_gradients_is_an_error():
+def test_no_gradients_is_an_error_as_without_the_wrapper():
     with tf.Graph().as_default():
         w = tf.compat.v1.get_variable("w", [2])
         wrapped = skip_padding_steps(tf.compat.v1.train.AdamOptimizer(0.1), tf.constant([0, 1]))
@@ -301,7 +324,12 @@ def test_accepts_an_integer_flag_tensor_and_no_gradients_is_an_error():
 # ------------------------------------------------------------ TPU graph
 
 
-_APPLY_OPS = {"ResourceApplyAdam", "ApplyAdam"}
+def _is_adam_update(node):
+    return node.op in ("ResourceApplyAdam", "ApplyAdam")
+
+
+def _is_gradient_sum(node):
+    return node.op == "CrossReplicaSum" and node.attr["T"].type == tf.float32.as_datatype_enum
 
 
 def _functions(graph):
@@ -330,18 +358,22 @@ def _branch_functions(graph):
     return branches
 
 
-def _apply_ops_in_a_conditional(graph):
-    """(apply ops inside a conditional, apply ops outside), over graph and functions."""
+def _count_in_and_out_of_conditionals(graph, predicate):
+    """(matching nodes inside a conditional, outside one), over the graph and its functions.
+
+    TF2 behaviour: inside means in a branch function of an If (cond_v2); v1
+    behaviour: an op in a CondContext.
+    """
     inside, outside = 0, 0
     branches = _branch_functions(graph)
     for name, function in _functions(graph).items():
-        count = sum(n.op in _APPLY_OPS for n in function.node_def)
+        count = sum(predicate(n) for n in function.node_def)
         if name in branches:
             inside += count
         else:
             outside += count
     for op in graph.get_operations():
-        if op.type in _APPLY_OPS:
+        if predicate(op.node_def):
             context = op._get_control_flow_context()
             while context is not None and not isinstance(context, control_flow_ops.CondContext):
                 context = context.outer_context
@@ -393,7 +425,47 @@ def test_tpu_graph_builds_with_the_wrapper_and_decides_across_replicas(
     sums = _decision_sums(graph)
     assert len(sums) == 1
     assert sums[0].attr["T"].type == tf.int32.as_datatype_enum
-    assert _apply_ops_in_a_conditional(graph) == (2, 0)  # w and b, only inside the cond
+    # The updates of w and b run only in the conditional.
+    assert _count_in_and_out_of_conditionals(graph, _is_adam_update) == (2, 0)
+    # CrossShardOptimizer's gradient sums (w and b) are inside the conditional when it
+    # is wrapped, before it when it wraps; either way every replica runs them or none.
+    in_cond, out_of_cond = _count_in_and_out_of_conditionals(graph, _is_gradient_sum)
+    assert (in_cond, out_of_cond) == ((2, 0) if cross_shard == "outer" else (0, 2))
     # The optimizer's variables live outside the TPU step, in the outer graph.
     names = {v.op.name for v in graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)}
     assert {"beta1_power", "beta2_power", "w/Adam", "w/Adam_1", "b/Adam", "b/Adam_1"} <= names
+
+
+# ------------------------------------------------- without the feed hook
+
+
+class _StopAfterRuns(tf.compat.v1.train.SessionRunHook):
+    """Requests a stop after `limit` steps, recording the global step of each."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.global_steps = []
+
+    def before_run(self, run_context):
+        return tf.compat.v1.train.SessionRunArgs(tf.compat.v1.train.get_global_step())
+
+    def after_run(self, run_context, run_values):
+        self.global_steps.append(int(run_values.results))
+        if len(self.global_steps) >= self.limit:
+            run_context.request_stop()
+
+
+def test_without_the_feed_hook_max_steps_beyond_the_real_batches_is_never_reached(tmp_path):
+    # TPUEstimator(use_tpu=False) runs no feed hook, so only max_steps could
+    # stop it, and padding steps do not advance the global step (README).
+    estimator = tpu_estimator.TPUEstimator(
+        _make_model_fn("adam", "wrap"),
+        config=tpu_config.RunConfig(model_dir=str(tmp_path)),
+        use_tpu=False,
+        train_batch_size=BATCH,
+    )
+    stopper = _StopAfterRuns(12)
+    estimator.train(lambda params: _input_fn(3)(), max_steps=5, hooks=[stopper])
+    assert len(stopper.global_steps) == 12
+    assert stopper.global_steps == [0, 1, 2] + [3] * 9  # read as each step runs
+    assert estimator.get_variable_value("global_step") == 3
