@@ -13,7 +13,9 @@ all under `tf.compat.v1.train.MonitoredSession` with TPUEstimator's own
    `TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook` and with
    tensorflow-estimator's stock `TPUInfeedOutfeedSessionHook`, each built with
    the same ops, a real `ErrorRendezvous` and `testing.FakeTPUContext` (both
-   then skip TPU initialisation). A round runs ours, stock and stock again
+   then skip TPU initialisation). A round runs ours, ours without
+   `before_run`'s wait for the outfeed thread ("no-wait": what the
+   stop-latency floor costs), stock and stock again
    (order rotating), each timing `loops` loops after `warmup` loops, from the
    first timed loop until the hook's `end()` has joined its feed threads (the
    stock outfeed thread may lag behind the loop; the emulated outfeed queue
@@ -37,13 +39,18 @@ all under `tf.compat.v1.train.MonitoredSession` with TPUEstimator's own
    last step after `session.run` has returned. Reported: padding steps
    trained after the end of the stream.
 
-Run: `python benchmarks/feed_hook_overhead.py` (2-3 minutes on 2 cores);
+3. Profile (full runs, or `--only profile`): cProfile of the training thread
+   with our hook and its no-wait variant: how long `before_run` and its wait
+   for the outfeed thread take per loop.
+
+Run: `python benchmarks/feed_hook_overhead.py` (5-6 minutes on 2 cores);
 `--quick` for a smoke run; `--help` for the sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -63,15 +70,17 @@ from monolith.core import testing
 from monolith.core.auto_checkpoint_feed_hook import (
     _USER_PROVIDED_SIGNAL_NAME,
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+    _SessionState,
 )
 
 SIGNAL = _USER_PROVIDED_SIGNAL_NAME
 BATCH = 32
 FEATURES = 16
 OURS = "ours"
+OURS_NO_WAIT = "ours, no wait"  # ours without before_run's wait: what the stop-latency floor costs
 STOCK = "stock"
 STOCK_AGAIN = "stock again"  # a second stock run per round: the A/A noise floor
-KINDS = (OURS, STOCK, STOCK_AGAIN)
+KINDS = (OURS, OURS_NO_WAIT, STOCK, STOCK_AGAIN)
 
 
 class OriginalDesignHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
@@ -98,6 +107,13 @@ class _WaitTimingHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
         start = time.perf_counter()
         super()._wait_for_outfeed(loops)
         self._waits.append(time.perf_counter() - start)
+
+
+class _NoWaitTimingHook(_WaitTimingHook):
+    """Our hook without the wait for the outfeed thread (the ORIGINAL stop decision)."""
+
+    def _wait_for_outfeed(self, loops: int) -> None:
+        del loops
 
 
 class _EndClockHook(tf.compat.v1.train.SessionRunHook):
@@ -218,6 +234,8 @@ class _OverheadBench:
         args = (self._ctx, self._built.enqueue_ops, self._built.dequeue_ops)
         if kind == OURS:
             return _WaitTimingHook(*args, waits=self.waits, **kwargs)
+        if kind == OURS_NO_WAIT:
+            return _NoWaitTimingHook(*args, waits=[], **kwargs)
         return TPUInfeedOutfeedSessionHook(*args, **kwargs)
 
     def _wait_until_outfed(self, sess: Any, hook: Any) -> None:
@@ -227,7 +245,10 @@ class _OverheadBench:
         the timed part must not inherit a backlog from the warm-up loops.
         """
         deadline = time.monotonic() + 60
-        controller = hook._outfeed_controller
+        if isinstance(hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
+            controller = hook._session.outfeed
+        else:
+            controller = hook._outfeed_controller
         while controller._queue.qsize() or sess.run_step_fn(
             lambda step_context: step_context.session.run(self._outfeed_size)
         ):
@@ -286,11 +307,12 @@ def measure_overhead(
 ) -> Dict[str, Any]:
     """Per-round seconds per loop of each kind of run (see `run`), and our hook's waits.
 
-    Each round runs ours, stock and stock again, rotating the order by one
-    each round, so no kind always runs first or after the same other kind.
+    Each round runs ours, ours without the wait, stock and stock again,
+    rotating the order by one each round, so no kind always runs first or
+    after the same other kind.
     """
     bench = _OverheadBench(iterations_per_loop)
-    for kind in (OURS, STOCK):  # untimed: first-session effects
+    for kind in (OURS, OURS_NO_WAIT, STOCK):  # untimed: first-session effects
         bench.run(kind, warmup=1, loops=1)
     bench.waits.clear()
     outfed: Dict[str, List[float]] = {kind: [] for kind in KINDS}
@@ -347,7 +369,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         default=None,
         help="iterations_per_loop values of the overhead part (default 10 100)",
     )
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per setting (default 8)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per setting (default 12)")
     parser.add_argument(
         "--loops",
         type=int,
@@ -364,10 +386,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--step-ms", type=float, default=10.0, help="emulated step time")
     parser.add_argument("--outfeed-ms", type=float, default=5.0, help="host call time per step")
-    parser.add_argument("--only", choices=["overhead", "latency"], default=None)
+    parser.add_argument("--only", choices=["overhead", "latency", "profile"], default=None)
     args = parser.parse_args(argv)
     quick = {"iterations": [10], "rounds": 2, "loops": 10, "warmup": 2, "latency_iterations": [2]}
-    full = {"iterations": [10, 100], "rounds": 8, "warmup": 5, "latency_iterations": [4, 10]}
+    full = {"iterations": [10, 100], "rounds": 12, "warmup": 5, "latency_iterations": [4, 10]}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -391,6 +413,9 @@ def _overhead_part(args: argparse.Namespace) -> None:
         "joined its feed threads), ours / stock TPUInfeedOutfeedSessionHook, as a ratio per "
         "round; wall clock and process CPU time (all threads). 'stock again' is a second "
         "identical stock run in the same round: its ratio is this machine's noise floor. "
+        "'ours no-wait' is our hook with before_run's wait for the outfeed thread removed "
+        "(the ORIGINAL stop decision): the difference to 'ours' is the price of the "
+        "stop-latency floor. "
         "'train-only' stops the wall clock at the last session.run, crediting the stock hook "
         "with outfeed work its thread still had queued (on a TPU the bounded outfeed would "
         "stall the device instead)."
@@ -400,21 +425,28 @@ def _overhead_part(args: argparse.Namespace) -> None:
         loops = _loops_for(args, ipl)
         found = measure_overhead(ipl, args.rounds, args.warmup, loops)
         outfed = found["outfed"]
-        wall = _ratios(outfed, OURS)
-        wall_noise = _ratios(outfed, STOCK_AGAIN)
+        cpu = found["cpu"]
         wait_mean = sum(found["waits"]) / len(found["waits"])
+
+        def summary(values: Dict[str, List[float]], kind: str) -> str:
+            ratios = _ratios(values, kind)
+            return f"{median(ratios):.3f} ({min(ratios):.2f} - {max(ratios):.2f})"
+
         rows.append(
             [
                 ipl,
                 f"{args.rounds} x {loops}",
                 f"{median(outfed[OURS]) * 1e3:.2f}",
                 f"{median(outfed[STOCK]) * 1e3:.2f}",
-                f"{median(wall):.3f} ({min(wall):.2f} - {max(wall):.2f})",
-                f"{median(wall_noise):.3f} ({min(wall_noise):.2f} - {max(wall_noise):.2f})",
-                f"{median(_ratios(found['cpu'], OURS)):.3f}",
-                f"{median(_ratios(found['cpu'], STOCK_AGAIN)):.3f}",
+                summary(cpu, OURS),
+                summary(cpu, OURS_NO_WAIT),
+                f"{median(_ratios(cpu, STOCK_AGAIN)):.3f}",
+                f"{median(_ratios(outfed, OURS)):.3f}",
+                f"{median(_ratios(outfed, OURS_NO_WAIT)):.3f}",
+                f"{median(_ratios(outfed, STOCK_AGAIN)):.3f}",
                 f"{median(_ratios(found['trained'], OURS)):.3f}",
                 f"{wait_mean * 1e3:.3f} ({wait_mean / median(outfed[OURS]):.1%})",
+                summary(outfed, OURS),
             ]
         )
     print_table(
@@ -423,12 +455,15 @@ def _overhead_part(args: argparse.Namespace) -> None:
             "rounds x loops",
             "ours ms/loop",
             "stock ms/loop",
-            "wall ours/stock median (min - max)",
-            "wall stock again/stock",
-            "CPU ours/stock",
-            "CPU stock again/stock",
+            "CPU ours/stock median (min - max)",
+            "CPU ours no-wait/stock",
+            "CPU stock again/stock (A/A)",
+            "wall ours/stock",
+            "wall ours no-wait/stock",
+            "wall stock again/stock (A/A)",
             "train-only wall ours/stock",
             "ours: before_run wait ms/loop",
+            "wall ours/stock median (min - max)",
         ],
         rows,
     )
@@ -474,11 +509,15 @@ def python_cost_per_step(hook_class: type, body: str, steps: int, repeats: int =
         tpu_compile_op=None,
         rendezvous=error_handling.ErrorRendezvous(num_sources=2),
     )
-    hook._coord = tf.train.Coordinator()  # what after_create_session sets
+    if isinstance(hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
+        # What after_create_session hands each thread: the session's state.
+        state = (_SessionState(tf.train.Coordinator()),)
+    else:
+        state = ()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        getattr(hook, body)(_OneLoop(steps), _FakeSession(result))
+        getattr(hook, body)(_OneLoop(steps), _FakeSession(result), *state)
         best = min(best, time.perf_counter() - start)
     return best / steps
 
@@ -548,6 +587,49 @@ def _latency_part(args: argparse.Namespace) -> None:
     )
 
 
+# Training-thread functions the profile part reports (file:function).
+_PROFILED = (
+    "monitored_session.py:run",
+    "session.py:run",
+    "auto_checkpoint_feed_hook.py:before_run",
+    "auto_checkpoint_feed_hook.py:_wait_for_outfeed",
+    "_feed_controllers.py:wait_for_finished_loops",
+    "auto_checkpoint_feed_hook.py:_raise_feed_error",
+    "_feed_controllers.py:send_next_batch_signal",
+)
+
+
+def _profile_part(args: argparse.Namespace) -> None:
+    """cProfile of the training thread with our hook, with and without the wait."""
+    import cProfile
+    import pstats
+
+    for ipl in args.iterations:
+        loops = _loops_for(args, ipl)
+        bench = _OverheadBench(ipl)
+        for kind in (OURS, OURS_NO_WAIT):
+            bench.run(kind, warmup=1, loops=1)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            bench.run(kind, warmup=args.warmup, loops=loops)
+            profiler.disable()
+            print(
+                f"3. Profile of the training thread, {kind}, iterations_per_loop {ipl}, "
+                f"{loops} loops (cumulative seconds; the feed threads are part 1b):"
+            )
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("cumulative")
+            shown = set()
+            for (filename, _, func), row in sorted(
+                stats.stats.items(), key=lambda item: -item[1][3]
+            ):
+                where = f"{os.path.basename(filename)}:{func}"
+                if where in _PROFILED and where not in shown:
+                    shown.add(where)
+                    print(f"  {where:48s} calls {row[1]:6d}  cumulative {row[3]:.3f} s")
+            print(flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     setup_tensorflow(args.tf_behavior)
@@ -557,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.tf_behavior,
         [
             f"overhead: iterations_per_loop {args.iterations}, {args.rounds} rounds of "
-            "(ours, stock, stock again) in rotating order, "
+            "(ours, ours no-wait, stock, stock again) in rotating order, "
             f"timed loops per round {{{loops}}} after {args.warmup} warm-up loops; linear "
             f"model, batch {BATCH}x{FEATURES}, endless input, outfeed every step",
             f"stop latency: iterations_per_loop {args.latency_iterations}, step "
@@ -569,6 +651,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _python_cost_part(args)
     if args.only in (None, "latency"):
         _latency_part(args)
+    if args.only == "profile" or (args.only is None and not args.quick):
+        _profile_part(args)
     return 0
 
 

@@ -115,29 +115,36 @@ def _is_mapping(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
+_MISSING = object()
+
+
 def _stopping_value(ret: Any) -> Optional[bool]:
     """The stop flag in one outfeed result, or None when it carries no signal.
 
     `ret[_USER_PROVIDED_SIGNAL_NAME]["stopping"]` is a bool array (TPUEstimator
     concatenates the per-replica outfeeds); the stream has ended when any
     element is True. Well-formed inputs pad whole batches, so this equals the
-    original's check of element 0. Runs once per outfed step, so the array's
-    own `any()` is used rather than the slower `np.any` dispatch.
+    original's check of element 0. Runs once per outfed step on the outfeed
+    thread, so it does one lookup per level and counts with
+    `np.count_nonzero` (about 5x cheaper than `ndarray.any()`'s ufunc
+    reduction on a small array; it accepts scalars and lists alike).
 
     Raises:
       RuntimeError: The signal entry is not a dict with key 'stopping'.
     """
-    if not _is_mapping(ret) or _USER_PROVIDED_SIGNAL_NAME not in ret:
+    if not _is_mapping(ret):
         return None
-    signal = ret[_USER_PROVIDED_SIGNAL_NAME]
-    if not _is_mapping(signal) or _STOPPING_KEY not in signal:
+    signal = ret.get(_USER_PROVIDED_SIGNAL_NAME, _MISSING)
+    if signal is _MISSING:
+        return None
+    value = signal.get(_STOPPING_KEY, _MISSING) if _is_mapping(signal) else _MISSING
+    if value is _MISSING:
         found = sorted(signal) if _is_mapping(signal) else type(signal).__name__
         raise RuntimeError(
             f"ret[{_USER_PROVIDED_SIGNAL_NAME!r}] must contain key {_STOPPING_KEY!r}; "
             f"got {found!r}."
         )
-    value = signal[_STOPPING_KEY]
-    return bool(value.any() if type(value) is np.ndarray else np.any(value))
+    return np.count_nonzero(value) > 0
 
 
 def _watchdog_timeout_from_env() -> int:
@@ -629,26 +636,37 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             raise tf.errors.OutOfRangeError(None, None, "Stopped by stopping signal.")
         step = session.run(self._global_step) if self._global_step is not None else "?"
         logging.warning(
-            "Training stopped by SIGTERM at step %s (a loop boundary). Every hook's end() "
-            "runs next, so a CheckpointSaverHook writes the final checkpoint at step %s; "
-            "run the same command to resume.",
-            step,
+            "Training stopped by SIGTERM at step %s (a loop boundary). Every hook's end() runs "
+            "next, so the run's CheckpointSaverHook (TPUEstimator has one unless checkpoints "
+            "are off) writes the final checkpoint at this step; run the same command to resume "
+            "(exit code monolith.core.preemption.RESTART_EXIT_CODE tells a launcher to).",
             step,
         )
         raise tf.errors.OutOfRangeError(None, None, "Stopped by SIGTERM.")
 
     def before_run(self, run_context: Any) -> None:
-        """Stops at end of stream or after SIGTERM, else sends the next loop size to the threads."""
+        """Stops at end of stream or after SIGTERM, else sends the next loop size to the threads.
+
+        The loop size is read first, while the outfeed thread may still be
+        finishing the previous loop: the read (a `session.run`) then overlaps
+        the wait instead of following it. Only the training thread changes the
+        variable, so the value is the same either way.
+        """
         state = self._session
+        session = run_context.session
+        try:
+            iterations = session.run(self._iterations_per_loop_var)
+        except Exception:
+            self._raise_feed_error()  # A feed error closes the session: raise the root cause.
+            raise
         if self._expects_stopping_signal and state.loops_sent:
             self._wait_for_outfeed(state.loops_sent)
         self._raise_feed_error()
         if state.stop_event.is_set():
-            self._stop_training(run_context.session, preemption.StopReason.END_OF_STREAM)
+            self._stop_training(session, preemption.StopReason.END_OF_STREAM)
         if self._sigterm_received():
-            self._stop_training(run_context.session, preemption.StopReason.SIGTERM)
+            self._stop_training(session, preemption.StopReason.SIGTERM)
 
-        iterations = run_context.session.run(self._iterations_per_loop_var)
         logging.debug("Enqueue next (%d) batch(es) of data to infeed.", iterations)
         state.infeed.send_next_batch_signal(iterations)
         logging.debug("Dequeue next (%d) batch(es) of data from outfeed.", iterations)
