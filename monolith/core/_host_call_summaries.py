@@ -10,7 +10,8 @@ every summary op of the graph.
 
 from __future__ import annotations
 
-from typing import Any, List
+import dataclasses
+from typing import Any, List, Optional
 
 import tensorflow as tf
 
@@ -131,3 +132,119 @@ def gather_flat(
     _tensor_checks.check_shape(f"tensor {getattr(tensor, 'name', '')}", tensor, expect_shape)
     _tensor_checks.check_dtype(f"tensor {getattr(tensor, 'name', '')}", tensor, expect_dtype)
     return tf.gather(tf.reshape(tensor, [-1]), indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleTensors:
+    """What the host received for the example summaries (each None if not recorded).
+
+    `labels`, `y_preds`, `uid_buckets`: `[num_replicas]` or `[num_replicas, k]`;
+    `req_times`: `[num_replicas, steps]` (one per step and core);
+    `sample_rates`: `[num_replicas]`.
+    """
+
+    labels: Optional[tf.Tensor]
+    y_preds: Optional[tf.Tensor]
+    uid_buckets: Optional[tf.Tensor]
+    req_times: Optional[tf.Tensor]
+    sample_rates: Optional[tf.Tensor]
+
+
+def _sampled_mask(
+    raw: ExampleTensors,
+    stopping_signals_sum: Optional[tf.Tensor],
+    padding_flag: Optional[tf.Tensor],
+) -> Optional[tf.Tensor]:
+    """Flat bool mask of the examples to keep, or None to keep all."""
+    keep = None
+    if raw.uid_buckets is not None:
+        _tensor_checks.check_shape("uid buckets", raw.uid_buckets, raw.labels.shape.as_list())
+        keep = tf.reshape(raw.uid_buckets, [-1]) < int(UID_SAMPLE_RATE * RATIO_N)
+        if stopping_signals_sum is not None:
+            keep = tf.math.logical_and(keep, tf.math.equal(stopping_signals_sum, 0))
+    if padding_flag is not None:
+        real = real_examples(padding_flag, raw.labels)
+        keep = real if keep is None else tf.math.logical_and(keep, real)
+    return keep
+
+
+def write_example_summaries(
+    summaries: HostCallSummaries,
+    raw: ExampleTensors,
+    *,
+    enable_deepinsight: bool,
+    top_k: int,
+    stopping_signals_sum: Optional[tf.Tensor] = None,
+    padding_flag: Optional[tf.Tensor] = None,
+) -> Optional[tf.Tensor]:
+    """Writes AUC, DeepInsight and average summaries; returns the AUC update op.
+
+    Examples are selected by uid bucket (below `UID_SAMPLE_RATE * RATIO_N`),
+    without padding examples (those `padding_flag` marks, see
+    `real_examples`), and none at all when `stopping_signals_sum` (the
+    original's caching-mode rule) is non-zero; without uid buckets or flag
+    all are used. The DeepInsight labels and predictions are written
+    whenever uid buckets are, as in the original; request times and the
+    first sample rate with `enable_deepinsight`.
+
+    Args:
+      summaries: The call's summary scope.
+      raw: The received tensors, before selection.
+      enable_deepinsight: Also serialize request times and sample rates.
+      top_k: Examples per core and step (each request time's repeat count).
+      stopping_signals_sum: Optional int scalar (see above).
+      padding_flag: Optional recorded `stopping_signals` (see `real_examples`).
+
+    Returns:
+      The AUC update op, or None without labels and predictions.
+    """
+    if raw.labels is None or raw.y_preds is None:
+        _write_averages(summaries, raw)
+        return None
+    expect_shape = raw.labels.shape.as_list()
+    keep = _sampled_mask(raw, stopping_signals_sum, padding_flag)
+    sampled = raw
+    indices = None
+    if keep is not None:
+        # A vector even when exactly one example is kept.
+        indices = tf.reshape(tf.where(keep), [-1])
+        sampled = dataclasses.replace(
+            raw,
+            labels=gather_flat(raw.labels, indices, expect_shape, tf.float32),
+            y_preds=gather_flat(raw.y_preds, indices, expect_shape, tf.float32),
+        )
+    if raw.uid_buckets is not None:
+        summaries.serialized(DEEPINSIGHT_LABELS, sampled.labels)
+        summaries.serialized(DEEPINSIGHT_PREDS, sampled.y_preds)
+        if enable_deepinsight and raw.req_times is not None:
+            _tensor_checks.check_rank("req_times (one per replica)", raw.req_times, 2)
+            # One request time per step and core: repeat it for its examples.
+            per_example = tf.repeat(raw.req_times, top_k, axis=1)
+            sampled = dataclasses.replace(
+                sampled, req_times=gather_flat(per_example, indices, expect_shape, tf.int64)
+            )
+            summaries.serialized(DEEPINSIGHT_REQ_TIMES, sampled.req_times)
+
+    _, auc_op = tf.compat.v1.metrics.auc(labels=sampled.labels, predictions=sampled.y_preds)
+    # The value the update returns: this call's examples included, no race.
+    summaries.scalar("auc", auc_op)
+    if enable_deepinsight and raw.sample_rates is not None:
+        _tensor_checks.check_rank("sample_rates (one per replica)", raw.sample_rates, 1)
+        # One sample rate stands for all examples of this host call.
+        first_rate = gather_flat(
+            raw.sample_rates, [0], raw.sample_rates.shape.as_list(), tf.float32
+        )
+        summaries.serialized(DEEPINSIGHT_SAMPLE_RATES, first_rate)
+    _write_averages(summaries, sampled)
+    return auc_op
+
+
+def _write_averages(summaries: HostCallSummaries, tensors: ExampleTensors) -> None:
+    for summary_name, value in (
+        ("sampled_labels_variable_avg", tensors.labels),
+        ("sampled_preds_variable_avg", tensors.y_preds),
+        ("req_times_variable_avg", tensors.req_times),
+        ("sample_rates_variable_avg", tensors.sample_rates),
+    ):
+        if value is not None:
+            summaries.scalar(summary_name, tf.reduce_mean(value))

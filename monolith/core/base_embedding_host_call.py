@@ -55,6 +55,11 @@ one slice on the default device stands for the only replica
 update, e.g. call `record_summary_tpu_variables()` under
 `tf.control_dependencies(update_ops)`.
 
+This module is the drop-in facade (names, signatures and defaults of the
+original); the cached window (TPU variables, roll-and-add updates, used part)
+is built by `_cached_window`, the summaries by `_host_call_summaries`, and
+the step numbers by `_host_call_steps`.
+
 Differences from the original Monolith module: the host call runs only when
 both the constructor and `params["enable_host_call"]` enable it (a warning
 says when they disagree); user errors raise ValueError/TypeError/RuntimeError
@@ -68,15 +73,17 @@ summary ops (and the AUC update).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
 
-from monolith.core import _host_call_summaries, _tensor_checks
+from monolith.core import _cached_window, _host_call_summaries, _tensor_checks
+from monolith.core._cached_window import TPUVariableRestoreHook
 from monolith.core.base_host_call import BaseHostCall
 from monolith.core.tpu_variable import ReplicatedVariable
+
+__all__ = ["BaseEmbeddingHostCall", "TPUVariableRestoreHook"]
 
 _LABLES_FOR_AUC_CALCULATION = "labels_for_auc_calculation"
 _Y_PRED_FOR_AUC_CALCULATION = "y_pred_for_auc_calculation"
@@ -102,12 +109,12 @@ _HOST_CALL_AUC_METRICS = {
 }
 
 # TPU variables names
-_LABELS_TPU_VARIABLE = "labels_tpu_variable"
-_PREDS_TPU_VARIABLE = "preds_tpu_variable"
-_UID_BUCKETS_TPU_VARIABLE = "uid_buckets_tpu_variable"
-_REQ_TIMES_TPU_VARIABLE = "req_times_tpu_variable"
-_SAMPLE_RATES_TPU_VARIABLE = "sample_rates_tpu_variable"
-_ACCUMULATED_COUNTER_TPU_VARIABLE = "tpu_variables_accumulated_times"
+_LABELS_TPU_VARIABLE = _cached_window.LABELS
+_PREDS_TPU_VARIABLE = _cached_window.PREDS
+_UID_BUCKETS_TPU_VARIABLE = _cached_window.UID_BUCKETS
+_REQ_TIMES_TPU_VARIABLE = _cached_window.REQ_TIMES
+_SAMPLE_RATES_TPU_VARIABLE = _cached_window.SAMPLE_RATES
+_ACCUMULATED_COUNTER_TPU_VARIABLE = _cached_window.COUNTER
 
 _DEPRECATED_METRIC_NAMES = [
     _LABLES_FOR_AUC_CALCULATION,
@@ -117,15 +124,8 @@ _DEPRECATED_METRIC_NAMES = [
     _SAMPLE_RATE,
 ]
 
-_TPU_VAR_COLLECTION = "TPU_VAR"
-_TPU_VARIABLE_NAMES = (
-    _LABELS_TPU_VARIABLE,
-    _PREDS_TPU_VARIABLE,
-    _UID_BUCKETS_TPU_VARIABLE,
-    _REQ_TIMES_TPU_VARIABLE,
-    _SAMPLE_RATES_TPU_VARIABLE,
-    _ACCUMULATED_COUNTER_TPU_VARIABLE,
-)
+_TPU_VAR_COLLECTION = _cached_window.TPU_VAR_COLLECTION
+_TPU_VARIABLE_NAMES = _cached_window.VARIABLE_NAMES
 _STOPPING_SIGNALS = "stopping_signals"
 _REQUIRED_PARAMS = ("enable_host_call", "cpu_test", "host_call_every_n_steps")
 # Without caching, a recorded name containing one of these is that AUC input
@@ -146,22 +146,6 @@ def _auc_input_role(name: str) -> Optional[str]:
 def _is_padding_flag(name: str) -> bool:
     """Whether a recorded name is the per-example padding flag (routed as `stopping_signals`)."""
     return _STOPPING_SIGNALS in name and not _host_call_summaries.is_reduced_metric(name)
-
-
-class TPUVariableRestoreHook(tf.compat.v1.train.SessionRunHook):
-    """Runs `op` (zeroing the cached TPU variables) after each session creation.
-
-    The cached variables are in no checkpoint and in no initializer
-    collection; `after_create_session` (on the training thread, before the
-    first step) gives them their initial value.
-    """
-
-    def __init__(self, op: tf.Operation):
-        self._op = op
-
-    def after_create_session(self, session: tf.compat.v1.Session, coord: Any) -> None:
-        logging.info("Initializing variables on TPU devices.")
-        session.run(self._op)
 
 
 class BaseEmbeddingHostCall(BaseHostCall):
@@ -248,6 +232,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
         self._padding_masked_in_cache = False
         self._window_updates_built = False
 
+        self._window: Optional[_cached_window.CachedWindow] = None
         self.tpu_var_restore_hooks: List[TPUVariableRestoreHook] = []
         self._create_all_tpu_variables()
 
@@ -277,119 +262,44 @@ class BaseEmbeddingHostCall(BaseHostCall):
                 "TPUContext) when params['cpu_test'] is False, got context=None"
             )
         logging.info("Creating TPU variables caching %d steps of metrics.", every_n)
-        window = top_k * every_n
-        self._labels_tpu_variable = self._create_tpu_var(_LABELS_TPU_VARIABLE, [window], tf.float32)
-        self._preds_tpu_variable = self._create_tpu_var(_PREDS_TPU_VARIABLE, [window], tf.float32)
-        self._uid_buckets_tpu_variable = self._create_tpu_var(
-            _UID_BUCKETS_TPU_VARIABLE, [window], tf.int32
-        )
-        self._req_times_tpu_variable = self._create_tpu_var(
-            _REQ_TIMES_TPU_VARIABLE, [every_n], tf.int64
-        )
-        self._sample_rates_tpu_variable = self._create_tpu_var(
-            _SAMPLE_RATES_TPU_VARIABLE, [every_n], tf.float32
-        )
-        self._accumulated_counter_tpu_variable = self._create_tpu_var(
-            _ACCUMULATED_COUNTER_TPU_VARIABLE, [], tf.int32
-        )
+        self._window = _cached_window.CachedWindow(top_k, every_n, self._slice_placements())
+        self.tpu_var_restore_hooks.extend(self._window.restore_hooks)
+        variables = self._window.variables
+        self._labels_tpu_variable = variables[_LABELS_TPU_VARIABLE]
+        self._preds_tpu_variable = variables[_PREDS_TPU_VARIABLE]
+        self._uid_buckets_tpu_variable = variables[_UID_BUCKETS_TPU_VARIABLE]
+        self._req_times_tpu_variable = variables[_REQ_TIMES_TPU_VARIABLE]
+        self._sample_rates_tpu_variable = variables[_SAMPLE_RATES_TPU_VARIABLE]
+        self._accumulated_counter_tpu_variable = variables[_ACCUMULATED_COUNTER_TPU_VARIABLE]
 
     def _slice_placements(self) -> List[Tuple[Any, List[Any]]]:
-        """(host device, [device of each replica's slice]) for each host.
-
-        Without a context (cpu_test) one slice on the default device stands
-        for the only replica.
-        """
-        ctx = self._context
-        if ctx is None:
-            return [(None, [None])]
-        master = ctx._internal_ctx.master_job  # pylint: disable=protected-access
-        job_device = "" if master is None else f"/job:{master}"
-        host_device = ctx.tpu_host_placement_function
-        return [
-            (
-                host_device(h),
-                [
-                    f"{job_device}/task:{h}/device:TPU:{d}"
-                    for d in range(ctx.num_of_replicas_per_host)
-                ],
-            )
-            for h in range(ctx.num_hosts)
-        ]
+        """(host device, [device of each replica's slice]) for each host (see `_cached_window`)."""
+        return _cached_window.slice_placements(self._context)
 
     def _create_tpu_var(
         self, var_name: str, var_shape: Sequence[int], var_type: tf.DType
     ) -> ReplicatedVariable:
         """Creates a zeroed resource variable per host and replica, wrapped as one.
 
-        Runs while the `model_fn` builds the TPU step: `tf.init_scope()` lifts
-        the variables (and their zeroing ops) out of the step's function and
-        loop bodies into the outer graph. The slices go into the `TPU_VAR`
-        collection only (not checkpointed); a `TPUVariableRestoreHook`
-        appended to `tpu_var_restore_hooks` zeroes them after session creation.
+        Its zeroing hook is appended to `tpu_var_restore_hooks` (see
+        `_cached_window.create_replicated_variable`).
         """
-        slices = []
-        zeroing_ops = []
-        with tf.init_scope():
-            for h, (host, devices) in enumerate(self._slice_placements()):
-                with _maybe_device(host):
-                    zeros = tf.zeros(shape=var_shape, dtype=var_type)
-                for d, device in enumerate(devices):
-                    with _maybe_device(device):
-                        slice_var = tf.compat.v1.Variable(
-                            initial_value=zeros,
-                            trainable=False,
-                            name=f"slice_{var_name}_{h}_{d}",
-                            dtype=var_type,
-                            collections=[_TPU_VAR_COLLECTION],
-                            use_resource=True,
-                        )
-                        zeroing_ops.append(slice_var.assign(zeros, read_value=False))
-                    slices.append(slice_var)
-            self.tpu_var_restore_hooks.append(TPUVariableRestoreHook(tf.group(zeroing_ops)))
-        logging.info(
-            "Created TPU variable %s: shape %s, dtype %s, %d slices",
-            var_name,
-            var_shape,
-            var_type.name,
-            len(slices),
+        variable, hook = _cached_window.create_replicated_variable(
+            var_name, var_shape, var_type, self._slice_placements()
         )
-        return ReplicatedVariable(var_name, slices)
+        self.tpu_var_restore_hooks.append(hook)
+        return variable
 
     def _compute_new_value(self, base_tpu_var: Any, delta_value: Any, update_offset: Any) -> Any:
         """`base_tpu_var` plus `delta_value` written at `update_offset` (wrapping around).
 
-        `delta_value` is padded to the base's length and rolled by the offset
-        rather than padded on both sides: XLA needs the padding amounts at
-        compile time, while the offset is a tensor.
-
-        Raises:
-          ValueError: If either value is not a vector of static length, or the
-            delta is longer than the base.
-          TypeError: If their dtypes differ.
+        See `_cached_window.compute_new_value`.
         """
-        base_tpu_var = tf.convert_to_tensor(base_tpu_var)
-        delta_value = tf.convert_to_tensor(delta_value)
-        _tensor_checks.check_rank("base_tpu_var", base_tpu_var, 1)
-        _tensor_checks.check_rank("delta_value", delta_value, 1)
-        if base_tpu_var.dtype != delta_value.dtype:
-            raise TypeError(
-                f"delta_value's dtype {delta_value.dtype.name} must be base_tpu_var's dtype "
-                f"{base_tpu_var.dtype.name}"
-            )
-        base_len = _tensor_checks.static_length("base_tpu_var", base_tpu_var)
-        delta_len = _tensor_checks.static_length("delta_value", delta_value)
-        if delta_len > base_len:
-            raise ValueError(
-                f"delta_value (length {delta_len}) must not be longer than base_tpu_var "
-                f"(length {base_len})"
-            )
-        padded = tf.pad(delta_value, [[0, base_len - delta_len]])
-        return base_tpu_var + tf.roll(padded, shift=update_offset, axis=0)
+        return _cached_window.compute_new_value(base_tpu_var, delta_value, update_offset)
 
     def _clear_value_at_index_1(self, tpu_var: Any, var_type: tf.DType, index: Any) -> tf.Tensor:
         """The variable's value, or zeros at the first step of a window (index 1)."""
-        value = tf.convert_to_tensor(tpu_var)
-        return tf.where(tf.math.equal(index, 1), tf.zeros_like(value, dtype=var_type), value)
+        return _cached_window.clear_value_at_index_1(tpu_var, var_type, index)
 
     def update_tpu_variables_ops(
         self,
@@ -432,63 +342,20 @@ class BaseEmbeddingHostCall(BaseHostCall):
         if not self._enable_caching_with_tpu_var_mode:
             logging.info("enable_caching_with_tpu_var_mode is False, not updating TPU variables.")
             return []
-        top_k = self._top_k_sampling_num_per_core
-        every_n = self._host_call_every_n_steps
-        checked = {}
-        for arg_name, value, dtype, length in (
-            ("labels", labels, tf.float32, top_k),
-            ("preds", preds, tf.float32, top_k),
-            ("uid_buckets", uid_buckets, tf.int32, top_k),
-            ("req_times", req_times, tf.int64, None),
-            ("sample_rates", sample_rates, tf.float32, None),
-        ):
-            _tensor_checks.check_not_none(arg_name, value)
-            tensor = tf.convert_to_tensor(value)
-            _tensor_checks.check_dtype(arg_name, tensor, dtype)
-            _tensor_checks.check_rank(arg_name, tensor, 1)
-            actual = _tensor_checks.static_length(arg_name, tensor)
-            if length is not None and actual != length:
-                raise ValueError(
-                    f"{arg_name} must have shape [{length}] "
-                    f"(top_k_sampling_num_per_core), got {tensor.shape}"
-                )
-            if length is None and actual > every_n:
-                raise ValueError(
-                    f"{arg_name} must hold at most host_call_every_n_steps={every_n} "
-                    f"elements, got shape {tensor.shape}"
-                )
-            checked[arg_name] = tensor
+        checked = _cached_window.check_step_values(
+            self._top_k_sampling_num_per_core,
+            self._host_call_every_n_steps,
+            labels=labels,
+            preds=preds,
+            uid_buckets=uid_buckets,
+            req_times=req_times,
+            sample_rates=sample_rates,
+        )
         if self._padding_flag_for_cache is not None:
             checked["uid_buckets"] = self._unsampled_if_padding(checked["uid_buckets"])
-        global_step = tf.convert_to_tensor(global_step)
-        _tensor_checks.check_rank("global_step", global_step, 0)
-        if not global_step.dtype.is_integer:
-            raise TypeError(f"global_step must be an integer, got dtype {global_step.dtype.name}")
-        logging.info("Building the TPU variable updates.")
-
-        index = tf.math.floormod(global_step, every_n)
-        counter = self._clear_value_at_index_1(
-            self._accumulated_counter_tpu_variable, tf.int32, index
-        )
-        offset = counter * top_k
-        updates = []
-        for variable, arg_name, var_type, var_offset in (
-            (self._labels_tpu_variable, "labels", tf.float32, offset),
-            (self._preds_tpu_variable, "preds", tf.float32, offset),
-            (self._uid_buckets_tpu_variable, "uid_buckets", tf.int32, offset),
-            (self._req_times_tpu_variable, "req_times", tf.int64, counter),
-            (self._sample_rates_tpu_variable, "sample_rates", tf.float32, counter),
-        ):
-            old = self._clear_value_at_index_1(variable, var_type, index)
-            new = self._compute_new_value(old, checked[arg_name], var_offset)
-            updates.append(tf.compat.v1.assign(variable, new))
+        updates = self._window.update_ops(global_step, checked)
         self._window_updates_built = True
-        # The counter moves only once this step's values are in place.
-        with tf.control_dependencies(updates):
-            counter_update = tf.compat.v1.assign(
-                self._accumulated_counter_tpu_variable, counter + 1
-            )
-        return [counter_update]
+        return updates
 
     def _unsampled_if_padding(self, uid_buckets: tf.Tensor) -> tf.Tensor:
         """`uid_buckets` with each padding example's bucket set to one never sampled.
@@ -521,14 +388,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
             logging.info("enable_caching_with_tpu_var_mode is False, not recording TPU variables.")
             return
         logging.info("Recording TPU variables.")
-        for name, variable in (
-            (_LABELS_TPU_VARIABLE, self._labels_tpu_variable),
-            (_PREDS_TPU_VARIABLE, self._preds_tpu_variable),
-            (_UID_BUCKETS_TPU_VARIABLE, self._uid_buckets_tpu_variable),
-            (_REQ_TIMES_TPU_VARIABLE, self._req_times_tpu_variable),
-            (_SAMPLE_RATES_TPU_VARIABLE, self._sample_rates_tpu_variable),
-            (_ACCUMULATED_COUNTER_TPU_VARIABLE, self._accumulated_counter_tpu_variable),
-        ):
+        for name, variable in self._window.variables.items():
             BaseHostCall.record_summary_tensor(self, name, variable.read_value())
 
     def record_summary_tensor(self, name: str, tensor: Any) -> None:
@@ -582,16 +442,8 @@ class BaseEmbeddingHostCall(BaseHostCall):
     def _slice_tensor(
         self, tensor: Any, indices: Any, expect_shape: Sequence[Any], expect_dtype: tf.DType
     ) -> tf.Tensor:
-        """The elements of the flattened `tensor` at `indices`.
-
-        Args:
-          tensor: `[num_replicas, k]` (or `[num_replicas]`) values.
-          indices: Positions in the flattened tensor.
-          expect_shape: The shape `tensor` must have (None: any length).
-          expect_dtype: The dtype `tensor` must have.
-        """
-        self._verify_shape_and_dtype(tensor, expect_shape, expect_dtype)
-        return tf.gather(tf.reshape(tensor, [-1]), indices)
+        """The elements of the flattened `tensor` at `indices` (see `gather_flat`)."""
+        return _host_call_summaries.gather_flat(tensor, indices, list(expect_shape), expect_dtype)
 
     def _serialize_tensor(self, sampled_tensor: tf.Tensor, gs: tf.Tensor, message_name: str):
         tf.summary.text(message_name, data=tf.io.serialize_tensor(sampled_tensor), step=gs)
@@ -632,66 +484,18 @@ class BaseEmbeddingHostCall(BaseHostCall):
     ) -> Optional[tf.Tensor]:
         """Writes AUC, DeepInsight and average summaries; returns the AUC update op.
 
-        Examples are selected by uid bucket, without padding examples (those
-        `padding_flag` marks), and none at all when `stopping_signals_sum`
-        (the original's caching-mode rule) is non-zero; without uid buckets
-        or flag all are used.
+        See `_host_call_summaries.write_example_summaries`.
         """
-        if labels is None or y_preds is None:
-            self._write_averages(summaries, labels, y_preds, req_times, sample_rates)
-            return None
-        expect_shape = labels.shape.as_list()
-        keep = None
-        if uid_buckets is not None:
-            _tensor_checks.check_shape("uid buckets", uid_buckets, expect_shape)
-            keep = tf.reshape(uid_buckets, [-1]) < int(_UID_SAMPLE_RATE * _RATIO_N)
-            if stopping_signals_sum is not None:
-                keep = tf.math.logical_and(keep, tf.math.equal(stopping_signals_sum, 0))
-        if padding_flag is not None:
-            real = _host_call_summaries.real_examples(padding_flag, labels)
-            keep = real if keep is None else tf.math.logical_and(keep, real)
-
-        sampled_labels, sampled_preds, sampled_req_times = labels, y_preds, req_times
-        if keep is not None:
-            # A vector even when exactly one example is kept.
-            indices = tf.reshape(tf.where(keep), [-1])
-            sampled_labels = self._slice_tensor(labels, indices, expect_shape, tf.float32)
-            sampled_preds = self._slice_tensor(y_preds, indices, expect_shape, tf.float32)
-        if uid_buckets is not None:
-            summaries.serialized(_DEEPINSIGHT_LABELS, sampled_labels)
-            summaries.serialized(_DEEPINSIGHT_PREDS, sampled_preds)
-            if self._enable_deepinsight and req_times is not None:
-                _tensor_checks.check_rank("req_times (one per replica)", req_times, 2)
-                # One request time per step and core: repeat it for its examples.
-                per_example = tf.repeat(req_times, self._top_k_sampling_num_per_core, axis=1)
-                sampled_req_times = self._slice_tensor(per_example, indices, expect_shape, tf.int64)
-                summaries.serialized(_DEEPINSIGHT_REQ_TIMES, sampled_req_times)
-
-        _, auc_op = tf.compat.v1.metrics.auc(labels=sampled_labels, predictions=sampled_preds)
-        # The value the update returns: this call's examples included, no race.
-        summaries.scalar("auc", auc_op)
-        if self._enable_deepinsight and sample_rates is not None:
-            _tensor_checks.check_rank("sample_rates (one per replica)", sample_rates, 1)
-            # One sample rate stands for all examples of this host call.
-            first_rate = self._slice_tensor(
-                sample_rates, [0], sample_rates.shape.as_list(), tf.float32
-            )
-            summaries.serialized(_DEEPINSIGHT_SAMPLE_RATES, first_rate)
-        self._write_averages(
-            summaries, sampled_labels, sampled_preds, sampled_req_times, sample_rates
+        return _host_call_summaries.write_example_summaries(
+            summaries,
+            _host_call_summaries.ExampleTensors(
+                labels, y_preds, uid_buckets, req_times, sample_rates
+            ),
+            enable_deepinsight=self._enable_deepinsight,
+            top_k=self._top_k_sampling_num_per_core,
+            stopping_signals_sum=stopping_signals_sum,
+            padding_flag=padding_flag,
         )
-        return auc_op
-
-    @staticmethod
-    def _write_averages(summaries, labels, y_preds, req_times, sample_rates) -> None:
-        for summary_name, value in (
-            ("sampled_labels_variable_avg", labels),
-            ("sampled_preds_variable_avg", y_preds),
-            ("req_times_variable_avg", req_times),
-            ("sample_rates_variable_avg", sample_rates),
-        ):
-            if value is not None:
-                summaries.scalar(summary_name, tf.reduce_mean(value))
 
     def _route(
         self, summaries: _host_call_summaries.HostCallSummaries, tensors: Sequence[tf.Tensor]
@@ -752,53 +556,25 @@ class BaseEmbeddingHostCall(BaseHostCall):
         original's rule) a flag set at the host-call step drops the window.
         """
         gs, tensors = self.decompress_tensors(args)
-        num_replicas = self._num_replicas(args)
-        top_k = self._top_k_sampling_num_per_core
-        every_n = self._host_call_every_n_steps
         with _host_call_summaries.HostCallSummaries(self._output_dir, gs) as summaries:
             routed = self._route(summaries, tensors)
             stopping_signals_sum = None
             if _STOPPING_SIGNALS in routed:
                 stopping_signals_sum = tf.reduce_sum(tf.cast(routed[_STOPPING_SIGNALS], tf.int32))
-
-            for name, shape in (
-                (_LABELS_TPU_VARIABLE, [num_replicas, every_n * top_k]),
-                (_PREDS_TPU_VARIABLE, [num_replicas, every_n * top_k]),
-                (_UID_BUCKETS_TPU_VARIABLE, [num_replicas, every_n * top_k]),
-                (_REQ_TIMES_TPU_VARIABLE, [num_replicas, every_n]),
-                (_SAMPLE_RATES_TPU_VARIABLE, [num_replicas, every_n]),
-                (_ACCUMULATED_COUNTER_TPU_VARIABLE, [num_replicas]),
-            ):
-                _tensor_checks.check_shape(name, routed[name], shape)
-
-            # Steps cached in this window (replica 0's count; all cores step together).
-            used_steps = tf.minimum(routed[_ACCUMULATED_COUNTER_TPU_VARIABLE][0], every_n)
-            used_slice_len = used_steps * top_k
-            labels = _used_slice(routed[_LABELS_TPU_VARIABLE], used_slice_len)
-            y_preds = _used_slice(routed[_PREDS_TPU_VARIABLE], used_slice_len)
-            uid_buckets = _used_slice(routed[_UID_BUCKETS_TPU_VARIABLE], used_slice_len)
-            req_times = _used_slice(routed[_REQ_TIMES_TPU_VARIABLE], used_steps)
-            # For speed one sample rate (each core's first) stands for the whole window.
-            sample_rates = tf.reshape(
-                tf.slice(routed[_SAMPLE_RATES_TPU_VARIABLE], [0, 0], [-1, 1]), [-1]
-            )
-
-            summaries.scalar("uid_buckets_tpu_variable_avg", tf.reduce_mean(uid_buckets))
-            summaries.scalar(
-                "accumulated_times_tpu_variable_avg",
-                tf.reduce_mean(routed[_ACCUMULATED_COUNTER_TPU_VARIABLE]),
-            )
-            summaries.scalar("used_slice_len_avg", tf.reduce_min(used_slice_len))
+            used = self._window.used_part(routed, self._num_replicas(args))
+            summaries.scalar("uid_buckets_tpu_variable_avg", tf.reduce_mean(used["uid_buckets"]))
+            summaries.scalar("accumulated_times_tpu_variable_avg", tf.reduce_mean(used["counter"]))
+            summaries.scalar("used_slice_len_avg", tf.reduce_min(used["used_slice_len"]))
             if stopping_signals_sum is not None:
                 summaries.scalar("stopping_signals_sum", stopping_signals_sum)
 
             auc_op = self._write_summary_ops(
                 summaries,
-                labels,
-                y_preds,
-                uid_buckets,
-                req_times,
-                sample_rates,
+                used["labels"],
+                used["y_preds"],
+                used["uid_buckets"],
+                used["req_times"],
+                used["sample_rates"],
                 None if self._padding_masked_in_cache else stopping_signals_sum,
             )
         return summaries.group(auc_op)
@@ -827,12 +603,3 @@ class BaseEmbeddingHostCall(BaseHostCall):
         if self._enable_caching_with_tpu_var_mode:
             return (self._host_call_with_tpu, self._tensors)
         return (self._host_call, self._tensors)
-
-
-def _used_slice(tpu_variable: tf.Tensor, used_elements_count: Any) -> tf.Tensor:
-    """The first `used_elements_count` columns of a `[num_replicas, n]` window."""
-    return tf.slice(tpu_variable, [0, 0], [-1, used_elements_count])
-
-
-def _maybe_device(device: Optional[str]):
-    return contextlib.nullcontext() if device is None else tf.device(device)

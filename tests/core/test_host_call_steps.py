@@ -21,10 +21,13 @@ import pytest
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
-from monolith.core import testing
+from monolith.core import simulated_tpu, testing
+from monolith.core.auto_checkpoint_feed_hook import (
+    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+)
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, append_stopping_signals
-from tests.core._host_call_helpers import read_events
+from tests.core._host_call_helpers import read_events, run_host_call
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -168,3 +171,84 @@ def test_steps_that_do_not_advance_the_global_step_get_the_next_free_numbers(tmp
     # REAL_STEPS and REAL_STEPS + 1, not twice under one number.
     steps = _logged_steps(model_dir)
     assert steps == list(range(REAL_STEPS + 2)), _describe(steps)
+
+
+def _tpu_input_fn(params):
+    batch = params["batch_size"]
+    x = tf.reshape(tf.range(batch * 3 * DIM, dtype=tf.float32), [-1, DIM]) / 100.0
+    labels = tf.cast(tf.range(batch * 3) % 2, tf.float32)
+    dataset = tf.data.Dataset.from_tensor_slices(({"x": x}, labels))
+    return append_stopping_signals(dataset.batch(batch, drop_remainder=True))
+
+
+@pytest.mark.parametrize("num_hosts, cores_per_host", [(1, 8), (2, 4)], ids=["1x8", "2x4"])
+def test_in_the_tpu_step_the_read_runs_before_the_increment(tmp_path, num_hosts, cores_per_host):
+    """On the simulated TPU system: the increment inside the TPU loop waits for the read."""
+    seen = {}
+
+    def model_fn(features, labels, mode, params):
+        weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
+        loss = tf.reduce_mean(tf.square(tf.reduce_sum(features["x"] * weights, -1) - labels))
+        host_call = BaseEmbeddingHostCall(
+            params["model_dir"],
+            enable_host_call=True,
+            enable_deepinsight=False,
+            enable_host_call_scalar_metrics=True,
+            enable_caching_with_tpu_var_mode=False,
+            top_k_sampling_num_per_core=BATCH,
+            params=dict(params, enable_host_call=True, cpu_test=False, host_call_every_n_steps=1),
+        )
+        host_call.record_summary_tensor("loss_avg", loss)
+        optimizer = tf.compat.v1.tpu.CrossShardOptimizer(
+            tf.compat.v1.train.GradientDescentOptimizer(0.1)
+        )
+        train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
+        hook = host_call.generate_host_call_hook()
+        seen["read"] = host_call._global_step_read[0].name
+        return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op, host_call=hook)
+
+    model_dir = str(tmp_path)
+    config = tpu_config.RunConfig(
+        master=simulated_tpu.SIMULATED_MASTER,
+        model_dir=model_dir,
+        tpu_config=tpu_config.TPUConfig(
+            iterations_per_loop=2,
+            tpu_job_name="worker",
+            per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,
+            experimental_feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+        ),
+    )
+    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
+        built = simulated_tpu.build_tpu_training_graph(
+            model_fn,
+            _tpu_input_fn,
+            config=config,
+            train_batch_size=BATCH * num_hosts * cores_per_host,
+            params={"model_dir": model_dir},
+            max_steps=10,
+        )
+
+    graph = built.graph
+    nodes = [op.node_def for op in graph.get_operations()]
+    for function in graph.as_graph_def().library.function:
+        nodes.extend(function.node_def)
+    increments = [n for n in nodes if n.op in ("AssignAddVariableOp", "AssignAdd")]
+    assert increments
+    assert all(f"^{seen['read']}" in list(n.input) for n in increments), [
+        list(n.input) for n in increments
+    ]
+
+
+def test_host_numbers_are_the_read_step_or_the_next_free_number(tmp_path):
+    """Read steps 5, 5, 5, 9, 9, 12 are logged as 5, 6, 7, 9, 10, 12."""
+    logdir = str(tmp_path)
+    with tf.Graph().as_default():
+        tf.compat.v1.train.get_or_create_global_step()
+        host_call = _host_call(logdir)
+        host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
+        host_fn, tensors = host_call.generate_host_call_hook()
+        host_op = host_fn(*tensors)
+        read = host_call._global_step_read[0].outputs[0]
+        run_host_call([host_op], [{read: step} for step in (5, 5, 5, 9, 9, 12)])
+
+    assert _logged_steps(logdir) == [5, 6, 7, 9, 10, 12]
