@@ -26,11 +26,14 @@ pytestmark = pytest.mark.timeout(120)
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# Trains on an endless stream; prints one line per loop so the parent knows
-# training (and the loops' SIGINT handling) has started.
+# In the TF behaviour under test, trains on an endless stream; prints one line
+# per loop so the parent knows training (and the loops' SIGINT handling) started.
 _ENDLESS_TRAINING = textwrap.dedent(
     """
-    import sys
+    import os, sys
+    import tensorflow as tf
+    if os.environ.get("MONOLITH_TF_BEHAVIOR") == "v1":
+        tf.compat.v1.disable_v2_behavior()
     from monolith.core import testing
     from tests.core._feed_hook_helpers import counting_model_fn, padded_stream_fn
 
