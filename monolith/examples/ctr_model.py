@@ -25,9 +25,9 @@ from typing import Any, Dict, Mapping, Tuple
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator
 
-from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import (
+    USER_PROVIDED_SIGNAL_NAME,
     append_stopping_signals,
     skip_padding_steps,
     skip_trained_batches,
@@ -44,8 +44,8 @@ NUM_UID_BUCKETS = 100
 FIRST_REQ_TIME = 1_700_000_000
 # Examples drawn per stateless op call (see `synthetic_click_log`).
 EXAMPLES_PER_BLOCK = 1_024
-# Checkpointed count of the examples trained, updated in the same step as the
-# weights: the report reads it.
+# Checkpointed count of the examples trained, updated by the train op that
+# updates the weights (by 0 on a padding step): the report reads it.
 EXAMPLES_TRAINED = "examples_trained"
 
 
@@ -255,7 +255,7 @@ def model_fn(features, labels, mode, params):
     on_tpu = bool(params.get("on_tpu", False))
     # Seeded initializers: the same params train the same model, run after run.
     seed = int(params.get("seed", 0))
-    padding = features[_USER_PROVIDED_SIGNAL_NAME]
+    padding = features[USER_PROVIDED_SIGNAL_NAME]
 
     embeddings = [
         _embedding_table("user_embedding", NUM_USERS, seed),

@@ -321,6 +321,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
+    """Trains as `argv` says, prints the report and returns it (see `exit_code`)."""
     args = parse_args(argv)
     if not args.verbose:
         # TensorFlow's deprecation notices would bury the progress lines.

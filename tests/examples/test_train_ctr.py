@@ -305,11 +305,14 @@ def test_example_runs_as_a_module(tmp_path):
     assert os.path.exists(os.path.join(str(tmp_path), "model.ckpt-40.index"))
 
 
-@pytest.mark.parametrize("bad", [["--num_examples", "0"], ["--num_examples", "10"]])
+@pytest.mark.parametrize(
+    "bad",
+    [["--num_examples", "0"], ["--num_examples", "10"], ["--save_checkpoints_steps", "0"]],
+)
 def test_example_rejects_bad_sizes(bad, capsys):
     with pytest.raises(SystemExit):
         train_ctr.parse_args(bad)
-    assert "--num_examples" in capsys.readouterr().err
+    assert f"{bad[0]}={bad[1]}" in capsys.readouterr().err
 
 
 def test_tpu_needs_a_model_dir(capsys):
