@@ -3,13 +3,16 @@
 One `input_fn` and one `model_fn`, written as for `TPUEstimator(use_tpu=True)`,
 which run unchanged on a Cloud TPU and on CPU through `monolith.core.testing`:
 
-* `input_fn` builds a deterministic synthetic click log (no download) and ends
-  it with `append_stopping_signals`, so the feed hook stops training by itself
-  after the last real batch;
-* `model_fn` looks up user and item embeddings, runs a two-layer MLP, masks the
-  loss of padding examples (a padding step then changes no weight), counts the
-  real examples it trains in a checkpointed variable, and records its metrics
-  with `BaseEmbeddingHostCall` for AUC and DeepInsight summaries.
+* `input_fn` builds a deterministic synthetic click log (no download, made
+  in-graph), skips the batches a restored checkpoint has already trained
+  (`skip_trained_batches`) and ends it with `append_stopping_signals`, so the
+  feed hook stops training by itself after the last real batch;
+* `model_fn` looks up user and item embeddings (Adagrad) and runs a two-layer
+  MLP (Adam), both optimizers wrapped with `skip_padding_steps` so a padding
+  step changes no weight, slot or global step; it counts the examples trained
+  in a checkpointed variable, and records its metrics, with the per-example
+  padding flag as `stopping_signals`, with `BaseEmbeddingHostCall` for AUC
+  and DeepInsight summaries.
 
 Params (beyond TPUEstimator's `batch_size` and `context`): `model_dir`,
 `num_examples`, `seed`, `on_tpu`.
@@ -19,13 +22,16 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-import numpy as np
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator
 
-from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
-from monolith.core.stopping_signals import append_stopping_signals
+from monolith.core.stopping_signals import (
+    USER_PROVIDED_SIGNAL_NAME,
+    append_stopping_signals,
+    skip_padding_steps,
+    skip_trained_batches,
+)
 
 NUM_USERS = 1_000
 NUM_ITEMS = 500
@@ -35,61 +41,111 @@ HIDDEN_UNITS = 32
 # Users hash into 100 of the host call's 1000 uid buckets, so its 1% user
 # sample (buckets < 10) holds about 10% of the examples.
 NUM_UID_BUCKETS = 100
-# Outside every sampled bucket: padding examples never reach the AUC.
-UNSAMPLED_UID_BUCKET = 1_000
 FIRST_REQ_TIME = 1_700_000_000
+# Examples drawn per stateless op call (see `synthetic_click_log`).
+EXAMPLES_PER_BLOCK = 1_024
+# Checkpointed count of the examples trained, updated by the train op that
+# updates the weights (by 0 on a padding step): the report reads it.
 EXAMPLES_TRAINED = "examples_trained"
 
 
-def synthetic_click_log(
-    num_examples: int, seed: int = 0
-) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
-    """Deterministic (features, labels) of a click log with learnable structure.
+def _hidden_click_model(seed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The generator's own user biases, item biases and dense weights.
+
+    Keyed by `(seed, -1)`, which no block of examples uses (their keys are
+    `(seed, block)` with `block >= 0`), so the truth is independent of the data.
+    """
+    user_key, item_key, dense_key = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([seed, tf.constant(-1, tf.int64)]), 3)
+    )
+    return (
+        tf.random.stateless_normal([NUM_USERS], user_key),
+        tf.random.stateless_normal([NUM_ITEMS], item_key),
+        tf.random.stateless_normal([NUM_DENSE], dense_key, stddev=0.5),
+    )
+
+
+def _example_block(seed: tf.Tensor, block: tf.Tensor) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+    """Examples `block * EXAMPLES_PER_BLOCK ...` of the click log, a function of `(seed, block)`."""
+    user_bias, item_bias, dense_weights = _hidden_click_model(seed)
+    user_key, item_key, dense_key, click_key = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([seed, block]), 4)
+    )
+    shape = [EXAMPLES_PER_BLOCK]
+    user_id = tf.random.stateless_uniform(shape, user_key, 0, NUM_USERS, dtype=tf.int64)
+    item_id = tf.random.stateless_uniform(shape, item_key, 0, NUM_ITEMS, dtype=tf.int64)
+    dense = tf.random.stateless_normal(shape + [NUM_DENSE], dense_key)
+    logits = (
+        tf.gather(user_bias, user_id)
+        + tf.gather(item_bias, item_id)
+        + tf.linalg.matvec(dense, dense_weights)
+        - 1.0
+    )
+    clicked = tf.random.stateless_uniform(shape, click_key) < tf.sigmoid(logits)
+    features = {
+        "user_id": user_id,
+        "item_id": item_id,
+        "dense": dense,
+        "uid_bucket": tf.cast(user_id % NUM_UID_BUCKETS, tf.int32),
+        "req_time": FIRST_REQ_TIME
+        + block * EXAMPLES_PER_BLOCK
+        + tf.range(EXAMPLES_PER_BLOCK, dtype=tf.int64),
+    }
+    return features, tf.cast(clicked, tf.float32)
+
+
+def synthetic_click_log(num_examples: int, seed: int = 0) -> tf.data.Dataset:
+    """A deterministic click log of `num_examples` (features, label) examples, made in-graph.
 
     A click's log-odds are a hidden user bias plus item bias plus a linear
     function of the dense features, so a model that learns the embeddings and
-    weights ranks clicks well (AUC near the generator's own, about 0.8).
+    weights ranks clicks well (the generator's own logits score an AUC of 0.88
+    on the default stream).
+
+    Nothing is stored in the graph but the generator: example `i` is row
+    `i % EXAMPLES_PER_BLOCK` of a block drawn by stateless random ops keyed by
+    `(seed, i // EXAMPLES_PER_BLOCK)`. So the graph, checkpoints and event
+    files are the same size for any `num_examples`; the same seed gives the
+    same stream, whatever the batch size, and a shorter stream is a prefix of
+    a longer one. Blocks (not one op per example) keep generation fast: one
+    stateless op per example would cost more than the training step.
+
+    Raises:
+      ValueError: `num_examples` is not a positive int.
+      TypeError: `seed` is not an int.
     """
-    if num_examples <= 0:
-        raise ValueError(f"num_examples={num_examples!r} must be positive.")
-    rng = np.random.RandomState(seed)
-    user_bias = rng.normal(0.0, 1.0, NUM_USERS)
-    item_bias = rng.normal(0.0, 1.0, NUM_ITEMS)
-    dense_weights = rng.normal(0.0, 0.5, NUM_DENSE)
-    user_id = rng.randint(0, NUM_USERS, num_examples)
-    item_id = rng.randint(0, NUM_ITEMS, num_examples)
-    dense = rng.normal(0.0, 1.0, (num_examples, NUM_DENSE)).astype(np.float32)
-    logits = user_bias[user_id] + item_bias[item_id] + dense @ dense_weights - 1.0
-    labels = (rng.uniform(size=num_examples) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-    features = {
-        "user_id": user_id.astype(np.int64),
-        "item_id": item_id.astype(np.int64),
-        "dense": dense,
-        "uid_bucket": (user_id % NUM_UID_BUCKETS).astype(np.int32),
-        "req_time": FIRST_REQ_TIME + np.arange(num_examples, dtype=np.int64),
-    }
-    return features, labels
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+        raise ValueError(f"num_examples={num_examples!r} must be a positive int.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r} must be an int.")
+    num_blocks = -(-num_examples // EXAMPLES_PER_BLOCK)
+    blocks = tf.data.Dataset.range(num_blocks).map(
+        lambda block: _example_block(tf.constant(seed, tf.int64), block)
+    )
+    return blocks.unbatch().take(num_examples)
 
 
 def input_fn(params: Mapping[str, Any]) -> tf.data.Dataset:
-    """The click log in batches of `params["batch_size"]`, then endless padding.
+    """The click log in batches of `params["batch_size"]`, minus those trained, then padding.
 
-    The last partial batch is dropped (TPUs need static shapes); padding
-    batches carry the stop signal, which ends training after the real ones.
+    The last partial batch is dropped (TPUs need static shapes). On a
+    restored model_dir, `skip_trained_batches` resumes after the batches the
+    checkpoint's global step has trained (the stream is deterministic, so they
+    are the same batches). Padding batches carry the stop signal, which ends
+    training after the real ones.
     """
-    features, labels = synthetic_click_log(params["num_examples"], params.get("seed", 0))
-    dataset = tf.data.Dataset.from_tensor_slices((features, labels))
+    dataset = synthetic_click_log(params["num_examples"], params.get("seed", 0))
     dataset = dataset.batch(params["batch_size"], drop_remainder=True)
+    dataset = skip_trained_batches(dataset, context=params.get("context"))
     return append_stopping_signals(dataset).prefetch(2)
 
 
-def _embedding(name: str, ids: tf.Tensor, vocabulary: int, seed: int) -> tf.Tensor:
-    table = tf.compat.v1.get_variable(
+def _embedding_table(name: str, vocabulary: int, seed: int) -> tf.Variable:
+    return tf.compat.v1.get_variable(
         name,
         [vocabulary, EMBEDDING_DIM],
         initializer=tf.compat.v1.random_normal_initializer(stddev=0.05, seed=seed),
     )
-    return tf.gather(table, ids)
 
 
 def _dense_layer(name: str, inputs: tf.Tensor, units: int, seed: int) -> tf.Tensor:
@@ -103,8 +159,20 @@ def _dense_layer(name: str, inputs: tf.Tensor, units: int, seed: int) -> tf.Tens
     return tf.matmul(inputs, kernel) + bias
 
 
-def _count_real_examples(real: tf.Tensor, on_tpu: bool) -> tf.Operation:
-    """Adds this step's real examples (all replicas') to a checkpointed counter."""
+def _count_examples_trained(padding: tf.Tensor, on_tpu: bool) -> tf.Operation:
+    """Adds the examples this step trains (all replicas') to a checkpointed counter.
+
+    A step is padding when any replica's batch is padding, the rule by which
+    the feed hook stops and `skip_padding_steps` skips the update: such a step
+    trains no example, not even the real ones other replicas may hold.
+    """
+    real = tf.reduce_sum(tf.cast(tf.logical_not(padding), tf.int32))
+    padding_batches = tf.cast(tf.reduce_any(padding), tf.int32)
+    if on_tpu:
+        # Each replica holds a copy of the counter: add the same total to all.
+        real = tf.compat.v1.tpu.cross_replica_sum(real)
+        padding_batches = tf.compat.v1.tpu.cross_replica_sum(padding_batches)
+    trained = tf.where(padding_batches > 0, tf.constant(0, tf.int32), real)
     counter = tf.compat.v1.get_variable(
         EXAMPLES_TRAINED,
         [],
@@ -113,46 +181,59 @@ def _count_real_examples(real: tf.Tensor, on_tpu: bool) -> tf.Operation:
         trainable=False,
         use_resource=True,
     )
-    count = tf.reduce_sum(tf.cast(real, tf.int32))
+    return counter.assign_add(tf.cast(trained, tf.int64), read_value=False)
+
+
+def _optimizer(
+    optimizer: tf.compat.v1.train.Optimizer, features: Mapping[str, tf.Tensor], on_tpu: bool
+) -> tf.compat.v1.train.Optimizer:
+    """`optimizer` applying nothing on padding steps, summed over replicas on a TPU."""
+    optimizer = skip_padding_steps(optimizer, features)
     if on_tpu:
-        # Each replica holds a copy of the counter: add the same total to all.
-        count = tf.compat.v1.tpu.cross_replica_sum(count)
-    return counter.assign_add(tf.cast(count, tf.int64), read_value=False)
-
-
-def model_fn(features, labels, mode, params):
-    """Embeddings + MLP click model; records AUC metrics with the host call."""
-    del mode  # Training only.
-    on_tpu = bool(params.get("on_tpu", False))
-    # Seeded initializers: the same params train the same model, run after run.
-    seed = int(params.get("seed", 0))
-    padding = features[_USER_PROVIDED_SIGNAL_NAME]
-    real = tf.logical_not(padding)
-
-    inputs = tf.concat(
-        [
-            _embedding("user_embedding", features["user_id"], NUM_USERS, seed),
-            _embedding("item_embedding", features["item_id"], NUM_ITEMS, seed + 1),
-            features["dense"],
-        ],
-        axis=1,
-    )
-    hidden = tf.nn.relu(_dense_layer("hidden", inputs, HIDDEN_UNITS, seed + 2))
-    logits = _dense_layer("logits", hidden, 1, seed + 3)[:, 0]
-    preds = tf.sigmoid(logits)
-
-    # Padding examples get weight 0: a padding step trains nothing.
-    weights = tf.cast(real, tf.float32)
-    per_example = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
-    loss = tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
-
-    optimizer = tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5)
-    if on_tpu:
+        # The gradient sum outside skip_padding_steps' conditional: every
+        # replica runs it on every step.
         optimizer = tf.compat.v1.tpu.CrossShardOptimizer(optimizer)
-    minimize = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
-    train_op = tf.group(minimize, _count_real_examples(real, on_tpu))
+    return optimizer
 
-    host_call = BaseEmbeddingHostCall(
+
+def _minimize(
+    loss: tf.Tensor, embeddings: list, features: Mapping[str, tf.Tensor], on_tpu: bool
+) -> tf.Operation:
+    """Adagrad on the embedding tables, Adam on the dense layers; neither trains on padding.
+
+    Adam's moments and beta powers would move on a padding step even with a
+    zero gradient: `skip_padding_steps` applies nothing on such a step, and
+    the global step (advanced by the dense update) counts real steps only.
+
+    One backward pass for both optimizers: with two `minimize` calls, the
+    embeddings' gradient could read a dense kernel the other update had
+    already changed (v1 graphs' reference variables), and training would no
+    longer be deterministic.
+    """
+    sparse = {table.ref() for table in embeddings}
+    dense_layers = [v for v in tf.compat.v1.trainable_variables() if v.ref() not in sparse]
+    embedding_optimizer = _optimizer(
+        tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5), features, on_tpu
+    )
+    dense_optimizer = _optimizer(
+        tf.compat.v1.train.AdamOptimizer(learning_rate=0.003), features, on_tpu
+    )
+    grads_and_vars = dense_optimizer.compute_gradients(
+        loss,
+        var_list=embeddings + dense_layers,
+        gate_gradients=tf.compat.v1.train.Optimizer.GATE_GRAPH,
+    )
+    num_tables = len(embeddings)
+    return tf.group(
+        embedding_optimizer.apply_gradients(grads_and_vars[:num_tables]),
+        dense_optimizer.apply_gradients(
+            grads_and_vars[num_tables:], global_step=tf.compat.v1.train.get_global_step()
+        ),
+    )
+
+
+def _host_call(params: Mapping[str, Any], on_tpu: bool) -> BaseEmbeddingHostCall:
+    return BaseEmbeddingHostCall(
         params["model_dir"],
         enable_host_call=True,
         enable_deepinsight=True,
@@ -166,12 +247,53 @@ def model_fn(features, labels, mode, params):
             "host_call_every_n_steps": 1,
         },
     )
-    uid_bucket = tf.where(
-        padding, tf.fill(tf.shape(padding), UNSAMPLED_UID_BUCKET), features["uid_bucket"]
+
+
+def model_fn(features, labels, mode, params):
+    """Embeddings + MLP click model; records AUC metrics with the host call."""
+    del mode  # Training only.
+    on_tpu = bool(params.get("on_tpu", False))
+    # Seeded initializers: the same params train the same model, run after run.
+    seed = int(params.get("seed", 0))
+    padding = features[USER_PROVIDED_SIGNAL_NAME]
+
+    embeddings = [
+        _embedding_table("user_embedding", NUM_USERS, seed),
+        _embedding_table("item_embedding", NUM_ITEMS, seed + 1),
+    ]
+    inputs = tf.concat(
+        [
+            tf.gather(embeddings[0], features["user_id"]),
+            tf.gather(embeddings[1], features["item_id"]),
+            features["dense"],
+        ],
+        axis=1,
     )
+    hidden = tf.nn.relu(_dense_layer("hidden", inputs, HIDDEN_UNITS, seed + 2))
+    logits = _dense_layer("logits", hidden, 1, seed + 3)[:, 0]
+    preds = tf.sigmoid(logits)
+
+    # The loss over the real examples, so the logged loss is the real one.
+    # This mask does not keep padding steps from training (Adam moves weights
+    # on a zero gradient): skip_padding_steps below does.
+    weights = tf.cast(tf.logical_not(padding), tf.float32)
+    per_example = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+    loss = tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+    # Built before the train op: the host call reads the global step here and
+    # orders that read before the optimizer's increment, so every step's
+    # summaries are logged under that step's number.
+    host_call = _host_call(params, on_tpu)
+    train_op = tf.group(
+        _minimize(loss, embeddings, features, on_tpu), _count_examples_trained(padding, on_tpu)
+    )
+
     host_call.record_summary_tensor("labels_for_auc_calculation", labels)
     host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
-    host_call.record_summary_tensor("uid_bucket", uid_bucket)
+    host_call.record_summary_tensor("uid_bucket", features["uid_bucket"])
+    # The per-example padding flag: the host call drops padding examples from
+    # the AUC, the DeepInsight payloads and the sampled averages.
+    host_call.record_summary_tensor("stopping_signals", padding)
     host_call.record_summary_tensor("req_time", features["req_time"][:1])
     host_call.record_summary_tensor("sample_rate", tf.constant([1.0]))
     host_call.record_summary_tensor("loss_avg", loss)

@@ -11,6 +11,15 @@ runs with `TPUEstimator(use_tpu=True)` on a Cloud TPU, the hook installed with
 `TPUConfig(experimental_feed_hook=...)`. Either way training stops at the end
 of the synthetic stream, the final checkpoint is written, and a report says
 what was trained and where the checkpoint and TensorBoard logs are.
+
+Restarts: run the same command on the same `--model_dir` and training resumes
+after the batches the checkpoint has trained (`skip_trained_batches`); on a
+finished model_dir it trains nothing more. On SIGTERM (a preemption, `docker
+stop`, a Kubernetes eviction) the feed hook stops at the next loop boundary
+and writes the checkpoint; the example then exits with code 42
+(`preemption.RESTART_EXIT_CODE`), so a job launcher restarts it instead of
+taking it for a finished run. Exit code 0 means the stream was trained to its
+end.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import Optional, Sequence
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
-from monolith.core import testing
+from monolith.core import preemption, testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
@@ -40,23 +49,57 @@ from monolith.examples import ctr_model
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """What a run trained, read back from its final checkpoint and event files."""
+    """What a run trained, read back from its checkpoints and event files.
 
+    Attributes:
+      stop_reason: Why the feed hook stopped training (`StopReason`), or None
+        when it did not (an error, a step limit).
+      start_step: Global step restored at the start (0 on a new model_dir);
+        `skip_trained_batches` skipped that many steps' batches.
+      global_step: Global step in the final checkpoint. `skip_padding_steps`
+        keeps padding steps from advancing it, so it counts real steps.
+      steps: Real steps this run trained (`global_step - start_step`).
+      padding_steps: Padding steps this run ran after the stream ended (they
+        changed no weight, optimizer slot or global step), or None where not
+        counted (the TPU path: `TPUEstimator.train` does not say how many
+        steps it ran, and the global step skips padding steps).
+      examples: Examples this run trained.
+      total_examples: Examples the model has trained, over all runs.
+      final_checkpoint: Path prefix of the final checkpoint.
+      tensorboard_logdir: The host call's summaries.
+      last_auc: The `auc` summary with the highest step, if this run trained
+        any example and wrote one.
+    """
+
+    stop_reason: Optional[preemption.StopReason]
+    start_step: int
+    global_step: int
     steps: int
-    real_steps: int
-    padding_steps: int
+    padding_steps: Optional[int]
     examples: int
+    total_examples: int
     final_checkpoint: Optional[str]
     tensorboard_logdir: str
     last_auc: Optional[float]
 
     def lines(self) -> list:
         auc = "none written" if self.last_auc is None else f"{self.last_auc:.4f}"
-        return [
-            "Training stopped at the end of the input stream.",
-            f"  steps trained:     {self.steps} ({self.real_steps} on real batches, "
-            f"{self.padding_steps} on padding)",
-            f"  examples trained:  {self.examples}",
+        if not self.examples:
+            auc = "none (this run trained no example)"
+        lines = [_STOP_LINES.get(self.stop_reason, _STOP_LINES[None]).format(self=self)]
+        if self.start_step:
+            lines.append(
+                f"  resumed at step:   {self.start_step} (its batches skipped, not trained again)"
+            )
+        padding = str(self.padding_steps)
+        if self.padding_steps is None:
+            padding = "not counted on this path"
+        elif self.padding_steps:
+            padding += " (they trained nothing: skip_padding_steps)"
+        return lines + [
+            f"  steps trained:     {self.steps} (global step {self.global_step})",
+            f"  padding steps:     {padding}",
+            f"  examples trained:  {self.examples} ({self.total_examples} in the model)",
             f"  final checkpoint:  {self.final_checkpoint}",
             f"  TensorBoard logs:  {self.tensorboard_logdir}",
             f"  last AUC:          {auc}",
@@ -64,18 +107,53 @@ class Report:
         ]
 
 
+_STOP_LINES = {
+    preemption.StopReason.END_OF_STREAM: "Training stopped at the end of the input stream.",
+    preemption.StopReason.SIGTERM: (
+        "Training stopped by SIGTERM at step {self.global_step}; checkpoint written; "
+        f"run the same command to resume (exit code {preemption.RESTART_EXIT_CODE})."
+    ),
+    None: "Training stopped before the end of the input stream.",
+}
+
+
+def exit_code(report: Report) -> int:
+    """The process exit code for `report`.
+
+    0 when the stream was trained to its end; `RESTART_EXIT_CODE` (42) after
+    a SIGTERM stop, so a job launcher restarts a preempted run instead of
+    taking it for a finished one (the convention of TF's
+    `PreemptionCheckpointHandler`); 1 when the feed hook did not stop
+    training (it ended some other way before the end of the stream).
+    """
+    if report.stop_reason is preemption.StopReason.END_OF_STREAM:
+        return 0
+    if report.stop_reason is preemption.StopReason.SIGTERM:
+        return preemption.RESTART_EXIT_CODE
+    return 1
+
+
 class _Progress:
-    """Prints step, examples/s and loss at most every `interval_secs`."""
+    """Prints step, examples/s and loss after the first loop, then at most every `interval_secs`.
+
+    The rate counts from the end of the first loop, so graph building and
+    session start-up (seconds) do not dilute it.
+    """
 
     def __init__(self, batch_size: int, interval_secs: float = 1.0):
         self._batch_size = batch_size
         self._interval = interval_secs
-        self._start = self._last = time.monotonic()
+        self._start: Optional[float] = None
+        self._last = 0.0
         self._steps = 0
 
     def __call__(self, global_step: int, loop_steps: int, loss: float) -> None:
-        self._steps += loop_steps
         now = time.monotonic()
+        if self._start is None:
+            self._start = self._last = now
+            print(f"step {global_step:6d}  {'':20}  loss {loss:.4f}", flush=True)
+            return
+        self._steps += loop_steps
         if now - self._last < self._interval:
             return
         self._last = now
@@ -84,32 +162,67 @@ class _Progress:
 
 
 def last_auc(logdir: str) -> Optional[float]:
-    """The `auc` summary with the highest step in `logdir`'s event files, if any."""
+    """The `auc` summary with the highest step in `logdir`'s event files, if any.
+
+    Of summaries at the same step (a rerun writes its own event file), the
+    latest written wins.
+    """
     found = None
     for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag == "auc" and (found is None or event.step >= found[0]):
-                    found = (event.step, float(tf.make_ndarray(value.tensor)))
+                key = (event.step, event.wall_time)
+                if value.tag == "auc" and (found is None or key >= found[0]):
+                    found = (key, float(tf.make_ndarray(value.tensor)))
     return None if found is None else found[1]
 
 
-def build_report(model_dir: str, batch_size: int, start_step: int) -> Report:
-    """Reads what this run trained from `model_dir`'s final checkpoint."""
+@dataclasses.dataclass(frozen=True)
+class _Counters:
+    """The model's checkpointed progress counters."""
+
+    checkpoint: Optional[str] = None
+    global_step: int = 0
+    examples: int = 0
+
+
+def _read_counters(model_dir: str) -> _Counters:
+    """The counters of `model_dir`'s latest checkpoint (zeros without one)."""
     checkpoint = tf.train.latest_checkpoint(model_dir)
+    if checkpoint is None:
+        return _Counters()
     reader = tf.train.load_checkpoint(checkpoint)
-    steps = int(reader.get_tensor("global_step")) - start_step
-    examples = int(reader.get_tensor(ctr_model.EXAMPLES_TRAINED))
-    real_steps = examples // batch_size
+    return _Counters(
+        checkpoint=checkpoint,
+        global_step=int(reader.get_tensor("global_step")),
+        examples=int(reader.get_tensor(ctr_model.EXAMPLES_TRAINED)),
+    )
+
+
+def build_report(model_dir: str, start: _Counters, steps_run: Optional[int] = None) -> Report:
+    """What this run trained: `model_dir`'s final counters minus those it started from.
+
+    Args:
+      model_dir: The run's model_dir, after training.
+      start: The counters it started from (`_read_counters` before training).
+      steps_run: Steps the run ran, padding included, if known.
+    """
+    end = _read_counters(model_dir)
+    steps = end.global_step - start.global_step
     logdir = os.path.join(model_dir, "host_call")
     return Report(
+        stop_reason=preemption.last_stop_reason(),
+        start_step=start.global_step,
+        global_step=end.global_step,
         steps=steps,
-        real_steps=real_steps,
-        padding_steps=steps - real_steps,
-        examples=examples,
-        final_checkpoint=checkpoint,
+        padding_steps=None if steps_run is None else steps_run - steps,
+        examples=end.examples - start.examples,
+        total_examples=end.examples,
+        final_checkpoint=end.checkpoint,
         tensorboard_logdir=logdir,
-        last_auc=last_auc(logdir),
+        # A run that trained no example (a rerun of a finished model_dir) has
+        # no AUC of its own: its streaming AUC saw nothing.
+        last_auc=last_auc(logdir) if end.examples > start.examples else None,
     )
 
 
@@ -122,21 +235,15 @@ def _params(args: argparse.Namespace, on_tpu: bool) -> dict:
     }
 
 
-def _start_step(model_dir: str) -> int:
-    checkpoint = tf.train.latest_checkpoint(model_dir)
-    if checkpoint is None:
-        return 0
-    return int(tf.train.load_checkpoint(checkpoint).get_tensor("global_step"))
-
-
-def train_on_cpu(args: argparse.Namespace) -> None:
+def train_on_cpu(args: argparse.Namespace) -> testing.TrainResult:
     """Trains through the emulated TPU loop (monolith.core.testing) on CPU."""
-    testing.train(
+    return testing.train(
         ctr_model.model_fn,
         ctr_model.input_fn,
         model_dir=args.model_dir,
         iterations_per_loop=args.iterations_per_loop,
         params={**_params(args, on_tpu=False), "batch_size": args.batch_size},
+        save_checkpoints_steps=args.save_checkpoints_steps,
         on_loop_end=_Progress(args.batch_size),
     )
 
@@ -189,12 +296,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num_examples", type=int, default=262_144)
     parser.add_argument("--batch_size", type=int, default=256, help="Global batch size.")
     parser.add_argument("--iterations_per_loop", type=int, default=10)
+    parser.add_argument(
+        "--save_checkpoints_steps",
+        type=int,
+        default=None,
+        help="Also save a checkpoint every N steps (default: at the start and the end only; "
+        "a SIGTERM stop writes one too).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="Keep TensorFlow's INFO logs.")
     args = parser.parse_args(argv)
     for name in ("num_examples", "batch_size", "iterations_per_loop"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name}={getattr(args, name)} must be positive")
+    if args.save_checkpoints_steps is not None and args.save_checkpoints_steps <= 0:
+        parser.error(f"--save_checkpoints_steps={args.save_checkpoints_steps} must be positive")
     if args.num_examples < args.batch_size:
         parser.error(
             f"--num_examples={args.num_examples} is less than one batch "
@@ -208,6 +324,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
+    """Trains as `argv` says, prints the report and returns it (see `exit_code`)."""
     args = parse_args(argv)
     if not args.verbose:
         # TensorFlow's deprecation notices would bury the progress lines.
@@ -219,14 +336,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         f"model_dir {args.model_dir}",
         flush=True,
     )
-    start_step = _start_step(args.model_dir)
-    start = time.monotonic()
-    (train_on_tpu if args.tpu else train_on_cpu)(args)
-    report = build_report(args.model_dir, args.batch_size, start_step)
-    print(f"Done in {time.monotonic() - start:.1f} s.")
+    start = _read_counters(args.model_dir)
+    started = time.monotonic()
+    if args.tpu:
+        train_on_tpu(args)
+        steps_run = None
+    else:
+        steps_run = train_on_cpu(args).steps_run
+    report = build_report(args.model_dir, start, steps_run)
+    print(f"Done in {time.monotonic() - started:.1f} s.")
     print("\n".join(report.lines()), flush=True)
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(exit_code(main(sys.argv[1:])))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
-from monolith.core import simulated_tpu, testing
+from monolith.core import preemption, simulated_tpu, testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
@@ -20,53 +25,272 @@ pytestmark = pytest.mark.timeout(180)
 SMALL = ["--num_examples", "2560", "--batch_size", "64", "--iterations_per_loop", "4"]
 
 
-def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys):
-    report = train_ctr.main([*SMALL, "--model_dir", str(tmp_path)])
-
-    # 40 real batches fill loops 1-10 exactly, so the first padding batch opens
-    # loop 11 and that whole loop (4 steps) is padding: the worst case.
-    assert (report.steps, report.real_steps, report.padding_steps) == (44, 40, 4)
-    assert report.examples == 2560
-    assert report.final_checkpoint == tf.train.latest_checkpoint(str(tmp_path))
-    assert report.final_checkpoint.endswith("model.ckpt-44")
-    assert report.tensorboard_logdir == os.path.join(str(tmp_path), "host_call")
-    assert 0.5 < report.last_auc <= 1.0
-    out = capsys.readouterr().out
-    assert "Training stopped at the end of the input stream." in out
-    assert "steps trained:     44 (40 on real batches, 4 on padding)" in out
-    assert f"tensorboard --logdir {report.tensorboard_logdir}" in out
+def _variables(checkpoint: str) -> dict:
+    """Every variable of `checkpoint`: weights, optimizer slots, beta powers, counters."""
+    reader = tf.train.load_checkpoint(checkpoint)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
-def test_padding_steps_train_no_weights(tmp_path):
-    """The masked loss leaves every weight as the last real step left it."""
-    model_dir = str(tmp_path)
-    # 42 batches: the stream ends 2 steps into loop 11, then 2 padding steps.
-    report = train_ctr.main(
-        ["--num_examples", "2688", "--batch_size", "64", "--iterations_per_loop", "4"]
-        + ["--model_dir", model_dir, "--seed", "3"]
-    )
-    assert (report.real_steps, report.padding_steps) == (42, 2)
-    final = tf.train.load_checkpoint(report.final_checkpoint)
+def _assert_same_variables(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(actual[name], value, rtol=0, atol=1e-6, err_msg=name)
 
-    reference_dir = str(tmp_path / "reference")
-    # Same stream, stopped by steps exactly after the last real batch.
+
+def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0) -> dict:
+    """Trains the first `steps` batches of the stream, stopped by a step limit (no padding)."""
     testing.train(
         ctr_model.model_fn,
         ctr_model.input_fn,
-        model_dir=reference_dir,
+        model_dir=model_dir,
         iterations_per_loop=4,
-        steps=42,
+        steps=steps,
         params={
-            "model_dir": reference_dir,
-            "num_examples": 2688,
-            "seed": 3,
+            "model_dir": model_dir,
+            "num_examples": num_examples,
+            "seed": seed,
             "on_tpu": False,
             "batch_size": 64,
         },
     )
-    reference = tf.train.load_checkpoint(tf.train.latest_checkpoint(reference_dir))
-    for name in ("user_embedding", "item_embedding", "hidden/kernel", "logits/bias"):
-        assert (final.get_tensor(name) == reference.get_tensor(name)).all(), name
+    return _variables(tf.train.latest_checkpoint(model_dir))
+
+
+def _summaries(logdir: str, tag: str) -> list:
+    """`(step, value)` of every `tag` summary in `logdir`'s event files."""
+    return [
+        (event.step, float(tf.make_ndarray(value.tensor)))
+        for path in sorted(os.listdir(logdir))
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, path))
+        for value in event.summary.value
+        if value.tag == tag
+    ]
+
+
+def test_example_trains_the_stream_to_its_end_and_reports_it(tmp_path, capsys, caplog):
+    caplog.set_level(logging.WARNING)
+    report = train_ctr.main([*SMALL, "--model_dir", str(tmp_path)])
+
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert train_ctr.exit_code(report) == 0
+    assert train_ctr.exit_code(dataclasses.replace(report, stop_reason=None)) == 1
+    # 40 real batches fill loops 1-10 exactly, so the first padding batch opens
+    # loop 11 and that whole loop (4 steps) is padding: the worst case. The
+    # global step counts the real steps only.
+    assert (report.start_step, report.global_step, report.steps) == (0, 40, 40)
+    assert report.padding_steps == 4
+    assert report.examples == report.total_examples == 2560
+    assert report.final_checkpoint == tf.train.latest_checkpoint(str(tmp_path))
+    assert report.final_checkpoint.endswith("model.ckpt-40")
+    assert report.tensorboard_logdir == os.path.join(str(tmp_path), "host_call")
+    assert 0.5 < report.last_auc <= 1.0
+    # One auc summary per step, under that step's number: the 40 real steps
+    # are steps 0-39, each logged once.
+    summaries = _summaries(report.tensorboard_logdir, "auc")
+    assert sorted(step for step, _ in summaries) == list(range(44))
+    auc = dict(summaries)
+    # The 4 padding steps (logged as 40-43) add no example to the streaming
+    # AUC: the stopping_signals flag keeps padding out.
+    assert [auc[step] for step in range(40, 44)] == [auc[39]] * 4
+    # The host call is built before the train op, so its global-step read is
+    # ordered before the optimizer's increment (else it warns of a race).
+    assert "No op writes the global step" not in caplog.text
+    out = capsys.readouterr().out
+    assert "Training stopped at the end of the input stream." in out
+    assert "steps trained:     40 (global step 40)" in out
+    assert "padding steps:     4 (they trained nothing: skip_padding_steps)" in out
+    assert "examples trained:  2560 (2560 in the model)" in out
+    assert "resumed" not in out
+    assert f"tensorboard --logdir {report.tensorboard_logdir}" in out
+
+
+def test_padding_steps_change_no_variable(tmp_path):
+    """Weights, Adam and Adagrad slots, beta powers, counters: as after the real steps alone."""
+    # 42 batches: the stream ends 2 steps into loop 11, then 2 padding steps.
+    report = train_ctr.main(
+        ["--num_examples", "2688", "--batch_size", "64", "--iterations_per_loop", "4"]
+        + ["--model_dir", str(tmp_path / "run"), "--seed", "3"]
+    )
+    assert (report.steps, report.padding_steps) == (42, 2)
+    final = _variables(report.final_checkpoint)
+    assert {"hidden/kernel/Adam", "user_embedding/Adagrad"} <= set(final)
+    assert any(name.endswith("beta1_power") for name in final)
+    assert final["global_step"] == 42
+
+    reference = _train_exactly(str(tmp_path / "reference"), 2688, steps=42, seed=3)
+    _assert_same_variables(final, reference)
+
+
+def test_a_second_run_on_a_finished_model_dir_trains_nothing_more(tmp_path, capsys):
+    model_dir = str(tmp_path)
+    train_ctr.main([*SMALL, "--model_dir", model_dir])
+    finished = _variables(tf.train.latest_checkpoint(model_dir))
+    capsys.readouterr()
+
+    report = train_ctr.main([*SMALL, "--model_dir", model_dir])
+
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert (report.start_step, report.global_step, report.steps) == (40, 40, 0)
+    # skip_trained_batches skipped all 40 batches: one loop of padding ran.
+    assert report.padding_steps == 4
+    assert (report.examples, report.total_examples) == (0, 2560)
+    _assert_same_variables(_variables(report.final_checkpoint), finished)
+    assert report.last_auc is None
+    out = capsys.readouterr().out
+    assert "last AUC:          none (this run trained no example)" in out
+    assert "resumed at step:   40 (its batches skipped, not trained again)" in out
+    assert "steps trained:     0 (global step 40)" in out
+    assert "examples trained:  0 (2560 in the model)" in out
+
+
+def test_save_checkpoints_steps_writes_checkpoints_during_training(tmp_path):
+    model_dir = str(tmp_path)
+    report = train_ctr.main([*SMALL, "--model_dir", model_dir, "--save_checkpoints_steps", "8"])
+    state = tf.train.get_checkpoint_state(model_dir)
+    steps = sorted(int(path.rsplit("-", 1)[1]) for path in state.all_model_checkpoint_paths)
+    # Every 8 steps (at loop boundaries of 4), kept 5 deep by the Saver.
+    assert steps == [8, 16, 24, 32, 40]
+    assert report.final_checkpoint.endswith("model.ckpt-40")
+
+
+# `python -m monolith.examples.train_ctr` after tf.compat.v1.disable_v2_behavior(),
+# so a subprocess writes checkpoints the v1-behaviour test process can restore.
+_RUN_MODULE_V1 = (
+    "import runpy, tensorflow as tf; tf.compat.v1.disable_v2_behavior(); "
+    "runpy.run_module('monolith.examples.train_ctr', run_name='__main__', alter_sys=True)"
+)
+
+
+def _example_command(tf_behavior: str) -> list:
+    """The command line of the example, in the test session's TF behaviour."""
+    if tf_behavior == "v1":
+        return [sys.executable, "-u", "-c", _RUN_MODULE_V1]
+    return [sys.executable, "-u", "-m", "monolith.examples.train_ctr"]
+
+
+def test_sigterm_stops_with_a_checkpoint_exits_42_and_the_rerun_resumes(tmp_path, tf_behavior):
+    """A preempted run exits with the restart code; the rerun trains each batch once."""
+    model_dir = str(tmp_path / "preempted")
+    # A stream far longer than the test: only SIGTERM ends this run.
+    command = _example_command(tf_behavior)
+    command += ["--num_examples", "6400000", "--batch_size", "64", "--iterations_per_loop", "4"]
+    proc = subprocess.Popen(
+        [*command, "--model_dir", model_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # The first progress line: the feed hook is training.
+            lines.append(line)
+            if line.startswith("step"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out = "".join(lines) + out
+    assert proc.returncode == preemption.RESTART_EXIT_CODE, err[-3000:]
+    stopped = re.search(r"Training stopped by SIGTERM at step (\d+); checkpoint written", out)
+    assert stopped, out
+    trained = int(stopped.group(1))
+    assert trained > 0
+    counters = _variables(tf.train.latest_checkpoint(model_dir))
+    assert counters["global_step"] == trained
+    assert counters[ctr_model.EXAMPLES_TRAINED] == 64 * trained
+
+    # Resume on the same (deterministic) stream, cut 12 batches further.
+    num_examples = 64 * (trained + 12)
+    report = train_ctr.main(
+        ["--num_examples", str(num_examples), "--batch_size", "64", "--iterations_per_loop", "4"]
+        + ["--model_dir", model_dir]
+    )
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert (report.start_step, report.steps, report.examples) == (trained, 12, 64 * 12)
+    assert report.total_examples == num_examples
+    # Exactly once, in order: the same model as one uninterrupted run.
+    reference = _train_exactly(str(tmp_path / "reference"), num_examples, steps=trained + 12)
+    _assert_same_variables(_variables(report.final_checkpoint), reference)
+
+
+def _stream(num_examples: int, seed: int, batch_size: int) -> dict:
+    """All batches of `synthetic_click_log`, evaluated in a graph (both TF behaviours)."""
+    with tf.Graph().as_default():
+        dataset = ctr_model.synthetic_click_log(num_examples, seed).batch(batch_size)
+        batch = tf.compat.v1.data.make_one_shot_iterator(dataset).get_next()
+        batches = []
+        with tf.compat.v1.Session() as sess:
+            try:
+                while True:
+                    batches.append(sess.run(batch))
+            except tf.errors.OutOfRangeError:
+                pass
+    features = {k: np.concatenate([b[0][k] for b in batches]) for k in batches[0][0]}
+    return {**features, "label": np.concatenate([b[1] for b in batches])}
+
+
+def test_stream_is_a_function_of_the_seed_and_the_example_index():
+    stream = _stream(2500, seed=7, batch_size=64)
+    assert len(stream["label"]) == 2500
+    # Same seed: the same examples, whatever the batching, and a shorter
+    # stream is a prefix of a longer one (3 blocks of 1024, then 452).
+    again = _stream(2500, seed=7, batch_size=1000)
+    prefix = _stream(1100, seed=7, batch_size=100)
+    for name, values in stream.items():
+        np.testing.assert_array_equal(values, again[name], err_msg=name)
+        np.testing.assert_array_equal(values[:1100], prefix[name], err_msg=name)
+    other = _stream(2500, seed=8, batch_size=64)
+    assert (other["user_id"] != stream["user_id"]).mean() > 0.9
+    np.testing.assert_array_equal(stream["req_time"], ctr_model.FIRST_REQ_TIME + np.arange(2500))
+    assert stream["user_id"].min() >= 0 and stream["user_id"].max() < ctr_model.NUM_USERS
+    assert stream["item_id"].min() >= 0 and stream["item_id"].max() < ctr_model.NUM_ITEMS
+    np.testing.assert_array_equal(
+        stream["uid_bucket"], stream["user_id"] % ctr_model.NUM_UID_BUCKETS
+    )
+
+
+def test_stream_carries_a_learnable_signal():
+    """Clicks depend on the user: per-user click rates spread far beyond chance."""
+    stream = _stream(100_000, seed=0, batch_size=25_000)
+    assert 0.2 < stream["label"].mean() < 0.6
+    users = np.bincount(stream["user_id"], minlength=ctr_model.NUM_USERS)
+
+    def spread(labels: np.ndarray) -> float:
+        return float((np.bincount(stream["user_id"], labels, ctr_model.NUM_USERS) / users).std())
+
+    # Shuffled labels keep only the binomial noise (about 0.05 at 100 per user).
+    chance = spread(np.random.RandomState(0).permutation(stream["label"]))
+    assert spread(stream["label"]) > 2 * chance
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+def test_stream_rejects_a_bad_size(bad):
+    with pytest.raises(ValueError, match=f"num_examples={bad!r}"):
+        ctr_model.synthetic_click_log(bad)
+
+
+def test_input_graph_does_not_grow_with_the_stream():
+    """The data is generated in-graph: no example is embedded as a constant."""
+
+    def graph_bytes(num_examples: int) -> int:
+        with tf.Graph().as_default() as graph:
+            tf.compat.v1.train.create_global_step()
+            ctr_model.input_fn({"num_examples": num_examples, "batch_size": 64, "seed": 0})
+            return graph.as_graph_def().ByteSize()
+
+    small = graph_bytes(1024)
+    assert abs(graph_bytes(10**9) - small) < 32
+    assert small < 64 * 1024
+
+
+def test_default_run_writes_a_small_model_dir(tmp_path):
+    """The quick start's run (262144 examples) leaves under 8 MB in its model_dir."""
+    report = train_ctr.main(["--model_dir", str(tmp_path)])
+    assert report.examples == 262_144
+    total = sum(path.stat().st_size for path in tmp_path.rglob("*") if path.is_file())
+    assert total < 8 * 2**20, total
+    assert report.last_auc > 0.75
 
 
 def test_example_runs_as_a_module(tmp_path):
@@ -77,15 +301,18 @@ def test_example_runs_as_a_module(tmp_path):
         timeout=170,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "examples trained:  2560" in proc.stdout
-    assert os.path.exists(os.path.join(str(tmp_path), "model.ckpt-44.index"))
+    assert "examples trained:  2560 (2560 in the model)" in proc.stdout
+    assert os.path.exists(os.path.join(str(tmp_path), "model.ckpt-40.index"))
 
 
-@pytest.mark.parametrize("bad", [["--num_examples", "0"], ["--num_examples", "10"]])
+@pytest.mark.parametrize(
+    "bad",
+    [["--num_examples", "0"], ["--num_examples", "10"], ["--save_checkpoints_steps", "0"]],
+)
 def test_example_rejects_bad_sizes(bad, capsys):
     with pytest.raises(SystemExit):
         train_ctr.parse_args(bad)
-    assert "--num_examples" in capsys.readouterr().err
+    assert f"{bad[0]}={bad[1]}" in capsys.readouterr().err
 
 
 def test_tpu_needs_a_model_dir(capsys):
