@@ -256,8 +256,10 @@ def tpu_run_config(
         cluster=cluster,
         master=master,
         model_dir=args.model_dir,
-        save_checkpoints_steps=None,
-        save_checkpoints_secs=3600,
+        save_checkpoints_steps=args.save_checkpoints_steps,
+        # RunConfig takes one of the two; the SIGTERM stop writes a checkpoint
+        # at the end either way.
+        save_checkpoints_secs=None if args.save_checkpoints_steps else 3600,
         tpu_config=tpu_config.TPUConfig(
             iterations_per_loop=args.iterations_per_loop,
             per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,

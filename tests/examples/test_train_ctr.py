@@ -339,3 +339,12 @@ def test_tpu_path_builds_the_tpu_graph_with_our_hook(tmp_path, num_hosts, cores_
     assert {"CrossReplicaSum", "OutfeedEnqueueTuple", "OutfeedDequeueTuple"} <= op_types
     names = [op.name for op in built.graph.get_operations()]
     assert any("host_call" in name or "auc" in name for name in names)
+
+
+@pytest.mark.parametrize(
+    "flags, steps, secs", [([], None, 3600), (["--save_checkpoints_steps", "50"], 50, None)]
+)
+def test_tpu_run_config_saves_checkpoints_as_the_flags_say(tmp_path, flags, steps, secs):
+    args = train_ctr.parse_args([*SMALL, "--model_dir", str(tmp_path), "--tpu", "sim", *flags])
+    config = train_ctr.tpu_run_config(args, master=simulated_tpu.SIMULATED_MASTER)
+    assert (config.save_checkpoints_steps, config.save_checkpoints_secs) == (steps, secs)
