@@ -138,9 +138,11 @@ def test_build_rejects_a_model_fn_without_train_op():
         testing.build_emulated_training(model_fn, padded_stream_fn(2))
 
 
-@pytest.mark.parametrize("bad", [0, 1.5])
-def test_build_validates_outfeed_every_n_steps(bad):
-    with tf.Graph().as_default(), pytest.raises((ValueError, TypeError), match="outfeed_every"):
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_build_validates_outfeed_every_n_steps(bad, error):
+    with tf.Graph().as_default(), pytest.raises(error, match=rf"outfeed_every_n_steps={bad!r}"):
         testing.build_emulated_training(
             counting_model_fn, padded_stream_fn(2), outfeed_every_n_steps=bad
         )
@@ -154,9 +156,18 @@ def test_iterations_per_loop_hook_rejects_steps_and_max_steps_together():
         testing.iterations_per_loop_hook(2, steps=3, max_steps=5)
 
 
-def test_iterations_per_loop_hook_rejects_non_positive_steps():
-    with pytest.raises(ValueError, match="steps=0"):
-        testing.iterations_per_loop_hook(2, steps=0)
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"steps": 0}, ValueError, "steps=0 must be >= 1"),
+        ({"max_steps": -1}, ValueError, "max_steps=-1 must be >= 1"),
+        ({"steps": True}, TypeError, "steps=True must be an int"),
+        ({"max_steps": 2.0}, TypeError, "max_steps=2.0 must be an int"),
+    ],
+)
+def test_iterations_per_loop_hook_rejects_non_positive_steps(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        testing.iterations_per_loop_hook(2, **kwargs)
 
 
 # -- train ---------------------------------------------------------------------------
