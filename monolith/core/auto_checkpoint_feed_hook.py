@@ -76,6 +76,7 @@ from monolith.core._feed_controllers import (
     format_thread_stack,
 )
 from monolith.core._tpu_context import enclosing_tpu_context
+from monolith.core._validation import positive_int
 
 __all__ = [
     "FeedController",
@@ -254,10 +255,7 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         *,
         join_timeout_secs: float = _DEFAULT_JOIN_TIMEOUT_SECS,
     ):
-        if isinstance(outfeed_every_n_steps, bool) or not isinstance(outfeed_every_n_steps, int):
-            raise TypeError(f"outfeed_every_n_steps={outfeed_every_n_steps!r} must be an int.")
-        if outfeed_every_n_steps < 1:
-            raise ValueError(f"outfeed_every_n_steps={outfeed_every_n_steps!r} must be >= 1.")
+        outfeed_every_n_steps = positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
         join_timeout_secs = _check_join_timeout(join_timeout_secs)
 
         self._master_job = ctx.master_job

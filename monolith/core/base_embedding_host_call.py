@@ -80,6 +80,7 @@ from absl import logging
 
 from monolith.core import _cached_window, _host_call_summaries, _tensor_checks
 from monolith.core._cached_window import TPUVariableRestoreHook
+from monolith.core._validation import positive_int
 from monolith.core.base_host_call import BaseHostCall
 from monolith.core.tpu_variable import ReplicatedVariable
 
@@ -244,18 +245,9 @@ class BaseEmbeddingHostCall(BaseHostCall):
         if not self._enable_caching_with_tpu_var_mode:
             logging.info("enable_caching_with_tpu_var_mode is False, not creating TPU variables.")
             return
-        every_n = self._host_call_every_n_steps
-        if isinstance(every_n, bool) or not isinstance(every_n, int) or every_n <= 1:
-            raise ValueError(
-                "caching metrics in TPU variables needs params['host_call_every_n_steps'] to "
-                f"be an int > 1, got host_call_every_n_steps={every_n!r}"
-            )
-        top_k = self._top_k_sampling_num_per_core
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(
-                "caching metrics in TPU variables needs top_k_sampling_num_per_core to be a "
-                f"positive int, got top_k_sampling_num_per_core={top_k!r}"
-            )
+        # Caching metrics in TPU variables needs a window of more than one step.
+        every_n = positive_int("host_call_every_n_steps", self._host_call_every_n_steps, minimum=2)
+        top_k = positive_int("top_k_sampling_num_per_core", self._top_k_sampling_num_per_core)
         if self._context is None and not self._cpu_test:
             raise ValueError(
                 "caching metrics in TPU variables needs params['context'] (TPUEstimator's "

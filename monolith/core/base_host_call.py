@@ -130,7 +130,8 @@ class BaseHostCall:
         """
         if self._packing is not None:
             raise RuntimeError("compress_tensors() was already called")
-        assert len(self._tensor_names) == len(self._tensors) == len(self._sizes)
+        # Invariant: record_summary_tensor appends to all three lists together.
+        assert len(self._tensor_names) == len(self._tensors) == len(self._sizes)  # noqa: S101
         packing = _host_call_layout.plan_packing([t.dtype for t in self._tensors], self._sizes)
         packed = []
         for group in packing:
@@ -192,7 +193,8 @@ class BaseHostCall:
         decompressed = [
             split_groups[g][m] for g, m in _host_call_layout.recorded_order(self._packing)
         ]
-        assert self._tensor_names[0] == _GLOBAL_STEP_NAME, self._tensor_names
+        # Invariant: __init__ records the global step first; no user call can change that.
+        assert self._tensor_names[0] == _GLOBAL_STEP_NAME, self._tensor_names  # noqa: S101
         return decompressed[0][0], decompressed
 
     def generate_host_call_hook(self) -> Optional[Tuple[Any, List[tf.Tensor]]]:

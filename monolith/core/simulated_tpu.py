@@ -72,6 +72,7 @@ from tensorflow_estimator.python.estimator.tpu import tpu_config
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 
 from monolith.core import _device_boundary, _simulated_resolver
+from monolith.core._validation import positive_int
 
 __all__ = [
     "SIMULATED_MASTER",
@@ -88,13 +89,6 @@ __all__ = [
 SIMULATED_MASTER = "grpc://" + _simulated_resolver.simulated_host_address(0)
 
 _QUERY_NAME = "_query_tpu_system_metadata"
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"{name}={value!r} must be >= 1.")
 
 
 def _simulated_topology(num_hosts: int, cores_per_host: int) -> _topology_lib.Topology:
@@ -142,8 +136,8 @@ def simulated_tpu_metadata(
       TypeError: `num_hosts` or `cores_per_host` is not an int, `job` not a str.
       ValueError: `num_hosts` or `cores_per_host` < 1, or `job` is empty or has a "/".
     """
-    _check_positive_int("num_hosts", num_hosts)
-    _check_positive_int("cores_per_host", cores_per_host)
+    positive_int("num_hosts", num_hosts)
+    positive_int("cores_per_host", cores_per_host)
     if not isinstance(job, str):
         raise TypeError(f"job={job!r} must be a str, got {type(job).__name__}.")
     if not job or "/" in job or ":" in job:
@@ -406,8 +400,8 @@ def simulated_cluster_resolver(num_hosts: int = 1, cores_per_host: int = 8) -> A
     Raises:
       TypeError, ValueError: a count is not an int >= 1.
     """
-    _check_positive_int("num_hosts", num_hosts)
-    _check_positive_int("cores_per_host", cores_per_host)
+    positive_int("num_hosts", num_hosts)
+    positive_int("cores_per_host", cores_per_host)
     return _simulated_resolver.simulated_cluster_resolver(num_hosts, cores_per_host)
 
 

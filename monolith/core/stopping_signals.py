@@ -22,11 +22,11 @@ iterator then runs on the infeed side. The hook itself never sees the dataset.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
+from monolith.core._validation import positive_int
 from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
 from monolith.core.padding_steps import skip_padding_steps
 from monolith.core.trained_batches import skip_trained_batches
@@ -241,13 +241,7 @@ def _with_signal(features: Mapping, batch: int, stop: bool) -> dict:
 def _validate_batch_size(batch_size: Any) -> Optional[int]:
     if batch_size is None:
         return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(
-            f"batch_size={batch_size!r} (type {type(batch_size).__name__}) must be an int."
-        )
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} must be positive.")
-    return int(batch_size)
+    return positive_int("batch_size", batch_size)
 
 
 def _resolve_batch_size(pairs: list, batch_size: Any) -> int:

@@ -71,8 +71,9 @@ from tensorflow_estimator.python.estimator.tpu import error_handling, tpu_config
 from monolith.core._emulator import graph as _graph
 from monolith.core._emulator import session as _session
 from monolith.core._emulator import user_params as _user_params
-from monolith.core._emulator.options import BuildOptions, RunOptions, check_positive_int
+from monolith.core._emulator.options import BuildOptions, RunOptions
 from monolith.core._emulator.results import EmulatedTPUTraining, TrainResult
+from monolith.core._validation import positive_int
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
@@ -135,13 +136,6 @@ class FakeTPUContext:
         )
 
 
-def _check_outfeed_every_n_steps(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"outfeed_every_n_steps={value!r} must be an int.")
-    if value < 1:
-        raise ValueError(f"outfeed_every_n_steps={value!r} must be >= 1.")
-
-
 def _build_options(
     *,
     params: Optional[Mapping[str, Any]],
@@ -160,9 +154,9 @@ def _build_options(
 ) -> BuildOptions:
     """Validates the arguments once, where they enter, and freezes them."""
     params = dict(params or {})
-    _check_outfeed_every_n_steps(outfeed_every_n_steps)
+    positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
     if train_batch_size is not None:
-        check_positive_int("train_batch_size", train_batch_size)
+        positive_int("train_batch_size", train_batch_size)
     _user_params.check_params(params, train_batch_size)
     return BuildOptions(
         params=types.MappingProxyType(params),
@@ -392,8 +386,8 @@ def train(
             "graph, which a dataset built beforehand cannot belong to."
         )
     if log_step_count_steps is not None:
-        check_positive_int("log_step_count_steps", log_step_count_steps)
-    _check_outfeed_every_n_steps(outfeed_every_n_steps)
+        positive_int("log_step_count_steps", log_step_count_steps)
+    positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
     rendezvous = error_handling.ErrorRendezvous(num_sources=3)
     config = _user_params.default_run_config(
         model_dir,

@@ -24,12 +24,13 @@ position.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional
 
 import tensorflow as tf
 from absl import logging
 from tensorflow_estimator.python.estimator.tpu import tpu_config
+
+from monolith.core._validation import positive_int
 
 __all__ = ["skip_trained_batches"]
 
@@ -153,13 +154,7 @@ def skip_trained_batches(
 def _batches_per_step(batches_per_step: Any, context: Any) -> int:
     """The validated batches-per-step count from the argument and/or the TPU context."""
     if batches_per_step is not None:
-        if isinstance(batches_per_step, bool) or not isinstance(batches_per_step, numbers.Integral):
-            raise TypeError(
-                f"batches_per_step={batches_per_step!r} (type {type(batches_per_step).__name__}) "
-                "must be an int."
-            )
-        if batches_per_step < 1:
-            raise ValueError(f"batches_per_step={batches_per_step!r} must be positive.")
+        batches_per_step = positive_int("batches_per_step", batches_per_step)
     if context is None:
         return int(batches_per_step) if batches_per_step is not None else 1
     from_context = _from_context(context)

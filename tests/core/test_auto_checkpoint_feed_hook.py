@@ -160,9 +160,11 @@ def test_default_rendezvous_is_a_real_error_rendezvous_owned_by_the_hook():
         assert isinstance(hook.rendezvous, error_handling.ErrorRendezvous)
 
 
-@pytest.mark.parametrize("bad", [0, -1])
-def test_outfeed_every_n_steps_must_be_positive(bad):
-    with tf.Graph().as_default(), pytest.raises(ValueError, match="outfeed_every_n_steps"):
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-1, ValueError), (True, TypeError), ("2", TypeError)]
+)
+def test_outfeed_every_n_steps_must_be_positive(bad, error):
+    with tf.Graph().as_default(), pytest.raises(error, match=rf"outfeed_every_n_steps={bad!r}"):
         _hook(outfeed_every_n_steps=bad)
 
 

@@ -150,14 +150,16 @@ def test_finished_loops_counts_loops_the_consumer_came_back_from():
 
 
 def test_format_thread_stack_shows_where_the_thread_waits():
-    release = threading.Event()
+    inside, release = threading.Event(), threading.Event()
 
     def waiting_here():
-        release.wait()
+        inside.set()
+        release.wait()  # leaves this frame only after the test sampled it
 
     thread = threading.Thread(target=waiting_here, name="StackProbe", daemon=True)
     thread.start()
     try:
+        assert inside.wait(30), "the probe thread never started"
         assert "waiting_here" in feed_hook.format_thread_stack(thread)
     finally:
         release.set()

@@ -196,15 +196,18 @@ def test_constructor_rejects_params_without_context_unless_cpu_test(graph):
         BaseEmbeddingHostCall("", True, False, True, False, 4, incomplete)
 
 
-@pytest.mark.parametrize("every_n", [1, 0, -3, 2.5, True])
-def test_caching_rejects_host_call_every_n_steps_not_above_1(graph, every_n):
-    with pytest.raises(ValueError, match=rf"host_call_every_n_steps={every_n!r}"):
+@pytest.mark.parametrize(
+    "every_n, error",
+    [(1, ValueError), (0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)],
+)
+def test_caching_rejects_host_call_every_n_steps_not_above_1(graph, every_n, error):
+    with pytest.raises(error, match=rf"host_call_every_n_steps={every_n!r}"):
         make_host_call("/tmp/unused", caching=True, every_n=every_n)
 
 
-@pytest.mark.parametrize("top_k", [0, -1, 1.5])
-def test_caching_rejects_a_non_positive_top_k(graph, top_k):
-    with pytest.raises(ValueError, match=rf"top_k_sampling_num_per_core={top_k!r}"):
+@pytest.mark.parametrize("top_k, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError)])
+def test_caching_rejects_a_non_positive_top_k(graph, top_k, error):
+    with pytest.raises(error, match=rf"top_k_sampling_num_per_core={top_k!r}"):
         make_host_call("/tmp/unused", caching=True, every_n=2, top_k=top_k)
 
 

@@ -20,6 +20,7 @@ from monolith.core import testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from monolith.core.stopping_signals import append_stopping_signals
 from tests._feed_threads import live_feed_threads
 from tests.core._feed_hook_helpers import (
     BATCH,
@@ -63,21 +64,66 @@ def _slow_outfeed_model_fn(features, mode, params):
     )
 
 
+def _appended_stream_fn(num_batches):
+    """input_fn: ids 1, 2, ... batched, padded by `append_stopping_signals` (the library)."""
+
+    def input_fn(params):
+        ids = tf.data.Dataset.range(1, 1 + num_batches * params["batch_size"])
+        dataset = ids.batch(params["batch_size"], drop_remainder=True)
+        return append_stopping_signals(dataset.map(lambda x: {"id": tf.cast(x, tf.float32)}))
+
+    return input_fn
+
+
+_PER_STEP, _PER_LOOP = True, False  # run_infeed_loop_on_coordinator
+
+
+def _case_id(value):
+    if isinstance(value, bool):
+        return "per_step" if value else "per_loop"
+    return str(value)
+
+
 @pytest.mark.parametrize(
-    "num_batches, iterations_per_loop",
-    [(1, 1), (1, 3), (2, 2), (5, 2), (6, 3), (3, 5)],
-    ids=lambda v: str(v),
+    "num_batches, iterations_per_loop, infeed, stream",
+    [
+        (1, 1, _PER_STEP, "hand_padded"),
+        (1, 3, _PER_STEP, "hand_padded"),
+        (2, 2, _PER_STEP, "hand_padded"),
+        (3, 2, _PER_STEP, "hand_padded"),
+        (6, 3, _PER_STEP, "hand_padded"),
+        (3, 5, _PER_STEP, "hand_padded"),
+        (5, 3, _PER_STEP, "hand_padded"),
+        (5, 3, _PER_LOOP, "hand_padded"),
+        (5, 2, _PER_STEP, "append_stopping_signals"),
+    ],
+    ids=_case_id,
 )
 def test_training_stops_at_end_of_stream_with_every_example_trained_once(
-    tmp_path, num_batches, iterations_per_loop
+    tmp_path, num_batches, iterations_per_loop, infeed, stream
 ):
+    """The end-to-end scenario: a finite stream, every real example trained exactly once.
+
+    Both infeed modes (one enqueue per step or per loop), a stream padded by hand
+    (`padded_stream_fn`) and one padded by `append_stopping_signals`.
+    """
+    if stream == "hand_padded":
+        input_fn, params = padded_stream_fn(num_batches), None
+    else:
+        input_fn, params = _appended_stream_fn(num_batches), {"batch_size": BATCH}
     result = testing.train(
         counting_model_fn,
-        padded_stream_fn(num_batches),
+        input_fn,
         model_dir=str(tmp_path),
         iterations_per_loop=iterations_per_loop,
+        run_infeed_loop_on_coordinator=infeed,
+        params=params,
     )
     _assert_trained_stream_exactly(result, num_batches, iterations_per_loop)
+    # A fresh model_dir: the run's own counts are the checkpoint's.
+    assert result.steps_run == result.global_step
+    assert result.loops_run == -(-result.global_step // iterations_per_loop)
+    assert result.final_checkpoint == tf.train.latest_checkpoint(str(tmp_path))
 
 
 @pytest.mark.parametrize("num_batches", [8, 9, 10, 11, 12])

@@ -21,13 +21,11 @@ import pytest
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
-from monolith.core import simulated_tpu, testing
-from monolith.core.auto_checkpoint_feed_hook import (
-    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
-)
+from monolith.core import testing
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, append_stopping_signals
 from tests.core._host_call_helpers import read_events, run_host_call
+from tests.core._simulated_tpu_helpers import build_on_simulated_tpu, topology
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -189,7 +187,7 @@ def _tpu_input_fn(params):
     return append_stopping_signals(dataset.batch(batch, drop_remainder=True))
 
 
-@pytest.mark.parametrize("num_hosts, cores_per_host", [(1, 8), (2, 4)], ids=["1x8", "2x4"])
+@topology
 def test_in_the_tpu_step_the_read_runs_before_the_increment(tmp_path, num_hosts, cores_per_host):
     """On the simulated TPU system: the increment inside the TPU loop waits for the read."""
     seen = {}
@@ -216,25 +214,15 @@ def test_in_the_tpu_step_the_read_runs_before_the_increment(tmp_path, num_hosts,
         return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op, host_call=hook)
 
     model_dir = str(tmp_path)
-    config = tpu_config.RunConfig(
-        master=simulated_tpu.SIMULATED_MASTER,
+    built = build_on_simulated_tpu(
+        model_fn,
+        _tpu_input_fn,
+        num_hosts,
+        cores_per_host,
         model_dir=model_dir,
-        tpu_config=tpu_config.TPUConfig(
-            iterations_per_loop=2,
-            tpu_job_name="worker",
-            per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,
-            experimental_feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
-        ),
+        per_replica_batch=BATCH,
+        params={"model_dir": model_dir},
     )
-    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
-        built = simulated_tpu.build_tpu_training_graph(
-            model_fn,
-            _tpu_input_fn,
-            config=config,
-            train_batch_size=BATCH * num_hosts * cores_per_host,
-            params={"model_dir": model_dir},
-            max_steps=10,
-        )
 
     graph = built.graph
     nodes = [op.node_def for op in graph.get_operations()]

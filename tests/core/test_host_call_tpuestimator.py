@@ -143,12 +143,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _poll_json(url, deadline, process, log_path):
-    """The JSON at `url` once it is a non-empty list, polling until `deadline`.
+def _poll_json(url, steps, deadline, process, log_path):
+    """The rows at `url` once they hold every step in `steps`, polling until `deadline`.
 
+    TensorBoard loads event files in the background and serves whatever it has read
+    so far, so an early answer can lack the last steps: poll until all are there.
     Fails at once, with TensorBoard's output, when the server process has exited.
     """
-    last_error = None
+    last_error, body = None, None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             output = log_path.read_text()[-3000:]
@@ -156,19 +158,25 @@ def _poll_json(url, deadline, process, log_path):
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 body = json.loads(response.read().decode())
-            if body:
+            # Rows are [wall_time, step, value], one per summary.
+            if sorted(row[1] for row in body) == steps:
                 return body
         except (urllib.error.URLError, ConnectionError, ValueError) as e:
             last_error = e
         time.sleep(0.5)
+    served = None if body is None else sorted(row[1] for row in body)
     raise AssertionError(
-        f"no data from {url} before the deadline (last error: {last_error}); TensorBoard "
-        f"output:\n{log_path.read_text()[-3000:]}"
+        f"{url} did not serve steps {steps} before the deadline (last answer's steps: "
+        f"{served}, last error: {last_error}); TensorBoard output:\n"
+        f"{log_path.read_text()[-3000:]}"
     )
 
 
 @pytest.mark.timeout(150)
 def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
+    events = read_events(os.path.join(model_dir, "host_call"))
+    tags = ("auc", "loss_avg")
+    written_steps = {tag: sorted(step for step, _ in events[tag]) for tag in tags}
     port = _free_port()
     log_path = tmp_path / "tensorboard.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed in finally
@@ -193,7 +201,8 @@ def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
         base = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=host_call&tag="
         deadline = time.monotonic() + 90
         served = {
-            tag: _poll_json(base + tag, deadline, process, log_path) for tag in ("auc", "loss_avg")
+            tag: _poll_json(base + tag, written_steps[tag], deadline, process, log_path)
+            for tag in tags
         }
     finally:
         process.terminate()
@@ -204,9 +213,7 @@ def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
             process.wait(timeout=15)
         log.close()
 
-    events = read_events(os.path.join(model_dir, "host_call"))
     for tag, rows in served.items():
-        # Rows are [wall_time, step, value], one per summary.
         assert len(rows) == len(events[tag]), tag
         served_values = sorted(row[2] for row in rows)
         written = sorted(float(v) for v in _in_write_order(events, tag))

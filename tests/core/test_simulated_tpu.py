@@ -11,32 +11,17 @@ from tensorflow.python.tpu import device_assignment as device_assignment_lib
 from tensorflow.python.tpu import tpu_system_metadata
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator import run_config as run_config_lib
-from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_context, tpu_estimator
+from tensorflow_estimator.python.estimator.tpu import tpu_context, tpu_estimator
 
 from monolith.core import simulated_tpu
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from tests.core._simulated_tpu_helpers import simulated_run_config, topology
 
 pytestmark = pytest.mark.timeout(120)
 
-TOPOLOGIES = pytest.mark.parametrize(
-    "num_hosts, cores_per_host", [(1, 8), (2, 4)], ids=["1x8", "2x4"]
-)
 _PER_REPLICA_BATCH = 2
-
-
-def _run_config(model_dir, feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
-    return tpu_config.RunConfig(
-        master=simulated_tpu.SIMULATED_MASTER,
-        model_dir=str(model_dir),
-        tpu_config=tpu_config.TPUConfig(
-            iterations_per_loop=2,
-            tpu_job_name="worker",
-            per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,
-            experimental_feed_hook=feed_hook,
-        ),
-    )
 
 
 def _input_fn(params):
@@ -72,7 +57,7 @@ def _device_names(metadata):
     return {device.name for device in metadata.devices}
 
 
-@TOPOLOGIES
+@topology
 def test_metadata_lists_tpu_cpu_and_system_devices_of_every_host(num_hosts, cores_per_host):
     metadata = simulated_tpu.simulated_tpu_metadata(num_hosts, cores_per_host, job="worker")
 
@@ -99,7 +84,7 @@ def test_metadata_names_devices_after_the_job():
     assert all(name.startswith("/job:tpu_worker/") for name in _device_names(metadata))
 
 
-@TOPOLOGIES
+@topology
 def test_metadata_topology_supports_model_parallel_device_assignment(num_hosts, cores_per_host):
     metadata = simulated_tpu.simulated_tpu_metadata(num_hosts, cores_per_host, with_topology=True)
     num_replicas = num_hosts * cores_per_host // 2
@@ -142,7 +127,7 @@ def test_bad_arguments_are_rejected_naming_the_argument(kwargs, error, argument)
     assert tpu_system_metadata._query_tpu_system_metadata is original
 
 
-@TOPOLOGIES
+@topology
 def test_system_answers_tensorflows_query_without_contacting_the_master(num_hosts, cores_per_host):
     with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host) as metadata:
         # tpu_context calls it through the module, as tpu_system_metadata_lib._query...
@@ -209,13 +194,13 @@ def test_nested_systems_answer_innermost_and_restore_in_order():
     assert tpu_system_metadata._query_tpu_system_metadata is original
 
 
-@TOPOLOGIES
+@topology
 def test_tpuestimator_context_sees_the_simulated_hosts_and_cores(
     tmp_path, num_hosts, cores_per_host
 ):
     estimator = tpu_estimator.TPUEstimator(
         model_fn=_model_fn,
-        config=_run_config(tmp_path),
+        config=simulated_run_config(tmp_path),
         use_tpu=True,
         train_batch_size=_PER_REPLICA_BATCH * num_hosts * cores_per_host,
     )
@@ -228,35 +213,8 @@ def test_tpuestimator_context_sees_the_simulated_hosts_and_cores(
     assert last_core == f"/job:worker/task:{num_hosts - 1}/device:TPU:{cores_per_host - 1}"
 
 
-@TOPOLOGIES
-def test_build_tpu_training_graph_builds_the_replicated_step_and_stops_before_a_session(
-    tmp_path, num_hosts, cores_per_host
-):
-    num_replicas = num_hosts * cores_per_host
-    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
-        built = simulated_tpu.build_tpu_training_graph(
-            _model_fn,
-            _input_fn,
-            config=_run_config(tmp_path),
-            train_batch_size=_PER_REPLICA_BATCH * num_replicas,
-        )
-
-    assert isinstance(built.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
-    assert built.ctx.num_replicas == num_replicas
-    assert built.hook_kwargs["master"] == simulated_tpu.SIMULATED_MASTER
-    metadata_ops = [op for op in built.graph.get_operations() if op.type == "TPUReplicateMetadata"]
-    assert [op.get_attr("num_replicas") for op in metadata_ops] == [num_replicas]
-    assert {"CrossReplicaSum", "OutfeedEnqueueTuple"} <= built.op_types()
-    dequeues = [op for op in built.graph.get_operations() if op.type == "OutfeedDequeueTuple"]
-    assert {op.device for op in dequeues} == {
-        f"/job:worker/task:{h}/device:CPU:0" for h in range(num_hosts)
-    }
-    assert len(dequeues) == num_replicas
-    assert tf.train.latest_checkpoint(str(tmp_path)) is None  # no session ever ran
-
-
 def test_build_with_model_parallelism_uses_the_simulated_topology(tmp_path):
-    config = _run_config(tmp_path, feed_hook=None)
+    config = simulated_run_config(tmp_path, feed_hook=None)
     config = config.replace(tpu_config=config.tpu_config._replace(num_cores_per_replica=2))
 
     with simulated_tpu.simulated_tpu_system(2, 4):
@@ -275,7 +233,10 @@ def test_build_with_model_parallelism_uses_the_simulated_topology(tmp_path):
 def test_build_without_configured_feed_hook_uses_tpuestimators_stock_hook(tmp_path):
     with simulated_tpu.simulated_tpu_system(1, 2):
         built = simulated_tpu.build_tpu_training_graph(
-            _model_fn, _input_fn, config=_run_config(tmp_path, feed_hook=None), train_batch_size=4
+            _model_fn,
+            _input_fn,
+            config=simulated_run_config(tmp_path, feed_hook=None),
+            train_batch_size=4,
         )
 
     assert isinstance(built.feed_hook, tpu_estimator.TPUInfeedOutfeedSessionHook)
@@ -295,7 +256,11 @@ def test_build_raises_when_training_is_already_done(tmp_path):
 
     with simulated_tpu.simulated_tpu_system(1, 2), pytest.raises(RuntimeError, match="max_steps=5"):
         simulated_tpu.build_tpu_training_graph(
-            _model_fn, _input_fn, config=_run_config(tmp_path), train_batch_size=4, max_steps=5
+            _model_fn,
+            _input_fn,
+            config=simulated_run_config(tmp_path),
+            train_batch_size=4,
+            max_steps=5,
         )
 
 
@@ -306,7 +271,11 @@ def test_build_rejects_a_non_tpu_config_and_use_tpu_false(tmp_path):
         )
     with pytest.raises(ValueError, match="use_tpu=False"):
         simulated_tpu.build_tpu_training_graph(
-            _model_fn, _input_fn, config=_run_config(tmp_path), train_batch_size=4, use_tpu=False
+            _model_fn,
+            _input_fn,
+            config=simulated_run_config(tmp_path),
+            train_batch_size=4,
+            use_tpu=False,
         )
 
 
@@ -329,7 +298,7 @@ def test_build_surfaces_a_model_fn_error_unchanged(tmp_path):
     original = tpu_system_metadata._query_tpu_system_metadata
     with simulated_tpu.simulated_tpu_system(1, 2), pytest.raises(ValueError, match="refuses"):
         simulated_tpu.build_tpu_training_graph(
-            broken_model_fn, _input_fn, config=_run_config(tmp_path), train_batch_size=4
+            broken_model_fn, _input_fn, config=simulated_run_config(tmp_path), train_batch_size=4
         )
     assert tpu_system_metadata._query_tpu_system_metadata is original
 
@@ -337,7 +306,7 @@ def test_build_surfaces_a_model_fn_error_unchanged(tmp_path):
 def test_build_leaves_sessions_and_the_feed_hook_setting_as_they_were(tmp_path):
     session_init = tf.compat.v1.Session.__mro__[1].__init__
     feed_hook_property = tpu_context._InternalTPUContext.__dict__["feed_hook"]
-    config = _run_config(tmp_path)
+    config = simulated_run_config(tmp_path)
 
     with simulated_tpu.simulated_tpu_system(1, 2):
         built = simulated_tpu.build_tpu_training_graph(

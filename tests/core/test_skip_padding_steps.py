@@ -20,7 +20,7 @@ from tensorflow.python.ops import control_flow_ops
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 from tensorflow_estimator.python.estimator.tpu.tpu_estimator import TPUEstimatorSpec
 
-from monolith.core import simulated_tpu, testing
+from monolith.core import testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
@@ -29,6 +29,7 @@ from monolith.core.stopping_signals import (
     append_stopping_signals,
     skip_padding_steps,
 )
+from tests.core._simulated_tpu_helpers import build_on_simulated_tpu, topology
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -391,35 +392,24 @@ def _decision_sums(graph):
 
 
 @pytest.mark.parametrize("cross_shard", ["outer", "inner"])
-@pytest.mark.parametrize("num_hosts, cores_per_host", [(1, 8), (2, 4)], ids=["1x8", "2x4"])
+@topology
 def test_tpu_graph_builds_with_the_wrapper_and_decides_across_replicas(
     tmp_path, num_hosts, cores_per_host, cross_shard
 ):
-    config = tpu_config.RunConfig(
-        master=simulated_tpu.SIMULATED_MASTER,
-        model_dir=str(tmp_path),
-        tpu_config=tpu_config.TPUConfig(
-            iterations_per_loop=2,
-            tpu_job_name="worker",
-            per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,
-            experimental_feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
-        ),
-    )
-
     def batched_input_fn(params):
         batch = params["batch_size"]
         x = np.ones([batch * 2, DIM], np.float32)
         dataset = tf.data.Dataset.from_tensor_slices(({"x": x}, np.zeros([batch * 2], np.float32)))
         return append_stopping_signals(dataset.batch(batch, drop_remainder=True))
 
-    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
-        built = simulated_tpu.build_tpu_training_graph(
-            _make_model_fn("adam", "wrap", cross_shard=cross_shard),
-            batched_input_fn,
-            config=config,
-            train_batch_size=BATCH * num_hosts * cores_per_host,
-            max_steps=10,
-        )
+    built = build_on_simulated_tpu(
+        _make_model_fn("adam", "wrap", cross_shard=cross_shard),
+        batched_input_fn,
+        num_hosts,
+        cores_per_host,
+        model_dir=str(tmp_path),
+        per_replica_batch=BATCH,
+    )
     graph = built.graph
     assert isinstance(built.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
     sums = _decision_sums(graph)

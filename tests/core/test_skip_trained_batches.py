@@ -15,11 +15,9 @@ import pytest
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
-from monolith.core import simulated_tpu, stopping_signals, trained_batches
-from monolith.core.auto_checkpoint_feed_hook import (
-    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
-)
+from monolith.core import stopping_signals, trained_batches
 from monolith.core.stopping_signals import append_stopping_signals, skip_trained_batches
+from tests.core._simulated_tpu_helpers import build_on_simulated_tpu
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -325,20 +323,16 @@ def test_each_host_skips_global_step_times_its_batches_per_step(tmp_path, mode, 
         train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
         return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
 
-    config = tpu_config.RunConfig(
-        master=simulated_tpu.SIMULATED_MASTER,
+    built = build_on_simulated_tpu(
+        model_fn,
+        input_fn,
+        num_hosts=2,
+        cores_per_host=4,
         model_dir=str(tmp_path),
-        tpu_config=tpu_config.TPUConfig(
-            iterations_per_loop=2,
-            tpu_job_name="worker",
-            per_host_input_for_training=mode,
-            experimental_feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
-        ),
+        per_replica_batch=2,
+        max_steps=1,
+        per_host_input_for_training=mode,
     )
-    with simulated_tpu.simulated_tpu_system(num_hosts=2, cores_per_host=4):
-        built = simulated_tpu.build_tpu_training_graph(
-            model_fn, input_fn, config=config, train_batch_size=2 * 8
-        )
     graph = built.graph
     skips = [op for op in graph.get_operations() if op.type == "SkipDataset"]
     assert sorted(_host_of(op) for op in skips) == [0, 1]

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from monolith.core import stopping_signals, testing
+from monolith.core import stopping_signals
 from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
 from monolith.core.stopping_signals import (
     USER_PROVIDED_SIGNAL_NAME,
     append_stopping_signals,
     padding_batch,
 )
-from tests.core._feed_hook_helpers import counting_model_fn, read_counts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -296,30 +295,6 @@ def test_batch_size_rejects_a_short_real_batch_at_run_time(component):
 
     with pytest.raises(tf.errors.InvalidArgumentError):
         _evaluate(make, 2)
-
-
-# -- end to end through the emulated TPU loop ------------------------------------------------------
-
-
-@pytest.mark.timeout(120)
-def test_emulated_tpu_training_stops_after_every_real_example(tmp_path):
-    def input_fn(params):
-        ids = tf.data.Dataset.range(1, 1 + 5 * params["batch_size"])
-        dataset = ids.batch(params["batch_size"], drop_remainder=True)
-        return append_stopping_signals(dataset.map(lambda x: {"id": tf.cast(x, tf.float32)}))
-
-    result = testing.train(
-        counting_model_fn,
-        input_fn,
-        model_dir=str(tmp_path),
-        iterations_per_loop=2,
-        params={"batch_size": 2},
-    )
-    counts = read_counts(result.final_checkpoint)
-    assert result.stopped_at_end_of_stream
-    assert counts["real_examples"] == 10 and counts["id_sum"] == sum(range(1, 11))
-    # 5 real steps, then the rest of the third loop is padding.
-    assert counts["global_step"] == 6 and counts["padding_steps"] == 1
 
 
 # -- bad inputs ------------------------------------------------------------------------------------

@@ -179,9 +179,12 @@ def test_without_train_batch_size_a_params_batch_size_passes_through(tmp_path):
     assert read_counts(result.final_checkpoint)["real_examples"] == 2 * 3
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "4"])
-def test_bad_train_batch_size_is_rejected_naming_it(tmp_path, bad):
-    with pytest.raises(ValueError, match="train_batch_size"):
+@pytest.mark.parametrize(
+    "bad, error",
+    [(0, ValueError), (-1, ValueError), (True, TypeError), (2.0, TypeError), ("4", TypeError)],
+)
+def test_bad_train_batch_size_is_rejected_naming_it(tmp_path, bad, error):
+    with pytest.raises(error, match=rf"train_batch_size={bad!r}"):
         testing.train(
             counting_model_fn, _stream_input_fn(1), model_dir=str(tmp_path), train_batch_size=bad
         )

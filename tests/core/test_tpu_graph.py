@@ -23,7 +23,6 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.python.framework import tensor_util
 from tensorflow_estimator.python.estimator.tpu import (
     error_handling,
-    tpu_config,
     tpu_context,
     tpu_estimator,
 )
@@ -35,6 +34,7 @@ from monolith.core.auto_checkpoint_feed_hook import (
 )
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import append_stopping_signals
+from tests.core._simulated_tpu_helpers import build_on_simulated_tpu, topology
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,10 +50,6 @@ CACHED_VARIABLES = (
     "sample_rates_tpu_variable",
     "tpu_variables_accumulated_times",
 )
-TOPOLOGIES = [(1, 8), (2, 4)]
-TOPOLOGY_IDS = ["1x8", "2x4"]
-
-topology = pytest.mark.parametrize("num_hosts, cores_per_host", TOPOLOGIES, ids=TOPOLOGY_IDS)
 caching_modes = pytest.mark.parametrize("caching", [False, True], ids=["plain", "caching"])
 
 # ---------------------------------------------------------------- the model
@@ -148,27 +144,17 @@ def build_graph(tmp_path_factory):
         if key not in cache:
             model_dir = str(tmp_path_factory.mktemp("tpu_graph"))
             every_n = EVERY_N if caching else 1
-            config = tpu_config.RunConfig(
-                master=simulated_tpu.SIMULATED_MASTER,
-                model_dir=model_dir,
-                tpu_config=tpu_config.TPUConfig(
-                    iterations_per_loop=2,
-                    tpu_job_name="worker",
-                    per_host_input_for_training=tpu_config.InputPipelineConfig.PER_HOST_V2,
-                    experimental_host_call_every_n_steps=every_n,
-                    experimental_feed_hook=TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
-                ),
-            )
             seen = {}
-            with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
-                built = simulated_tpu.build_tpu_training_graph(
-                    _make_model_fn(caching, seen),
-                    _input_fn,
-                    config=config,
-                    train_batch_size=PER_REPLICA_BATCH * num_hosts * cores_per_host,
-                    params={"model_dir": model_dir},
-                    max_steps=10,
-                )
+            built = build_on_simulated_tpu(
+                _make_model_fn(caching, seen),
+                _input_fn,
+                num_hosts,
+                cores_per_host,
+                model_dir=model_dir,
+                per_replica_batch=PER_REPLICA_BATCH,
+                params={"model_dir": model_dir},
+                experimental_host_call_every_n_steps=every_n,
+            )
             cache[key] = _Built(built, seen, every_n, model_dir)
         return cache[key]
 
@@ -297,17 +283,36 @@ def test_tpuestimator_constructs_and_begins_our_feed_hook(
     built = build_graph(num_hosts, cores_per_host, caching)
     graph_build = built.graph_build
 
+    num_replicas = num_hosts * cores_per_host
     assert isinstance(graph_build.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
     ctx = graph_build.ctx
     assert isinstance(ctx, tpu_context._InternalTPUContext)
-    assert (ctx.num_hosts, ctx.num_replicas) == (num_hosts, num_hosts * cores_per_host)
+    assert (ctx.num_hosts, ctx.num_replicas) == (num_hosts, num_replicas)
+    # TPUEstimator's call: (ctx, enqueue_ops, dequeue_ops) and exactly these keywords.
+    assert len(graph_build.hook_args) == 3
     kwargs = graph_build.hook_kwargs
+    assert set(kwargs) == {
+        "tpu_compile_op",
+        "run_infeed_loop_on_coordinator",
+        "rendezvous",
+        "master",
+        "session_config",
+        "tpu_init_ops",
+        "outfeed_every_n_steps",
+    }
     assert isinstance(kwargs["rendezvous"], error_handling.ErrorRendezvous)
     assert kwargs["master"] == simulated_tpu.SIMULATED_MASTER
     assert kwargs["outfeed_every_n_steps"] == built.every_n
     # begin() ran: the hook holds TPUEstimator's iterations_per_loop variable.
     loop_vars = graph_build.graph.get_collection("tpu_estimator_iterations_per_loop")
     assert loop_vars == [graph_build.feed_hook._iterations_per_loop_var]
+    assert graph_build.feed_hook._should_initialize_tpu
+    # One replicated step over every core; no session ever ran.
+    metadata_ops = [
+        op for op in graph_build.graph.get_operations() if op.type == "TPUReplicateMetadata"
+    ]
+    assert [op.get_attr("num_replicas") for op in metadata_ops] == [num_replicas]
+    assert tf.train.latest_checkpoint(built.model_dir) is None
 
 
 @topology
@@ -348,6 +353,10 @@ def test_host_dequeues_the_stop_signal_from_every_core_into_the_hooks_dequeue_op
     assert [op.get_attr("device_ordinal") for op in sources] == [
         r % cores_per_host for r in range(num_replicas)
     ]
+    # One outfeed dequeue per core, each on its host: the stop signal shares it with the
+    # host call's tensors.
+    dequeues = [op for op in graph_build.graph.get_operations() if op.type == "OutfeedDequeueTuple"]
+    assert sorted(op.name for op in dequeues) == sorted(op.name for op in sources)
 
 
 @topology

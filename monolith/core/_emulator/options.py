@@ -9,13 +9,6 @@ import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import error_handling
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    """Returns `value` if it is a positive int (not a bool), else raises ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int.")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
     """Everything `build_emulated_training` needs besides `model_fn` and `input_fn`.

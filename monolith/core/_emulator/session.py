@@ -21,8 +21,9 @@ from tensorflow_estimator.python.estimator.tpu import util as _tpu_util
 
 from monolith.core import preemption
 from monolith.core._emulator import graph
-from monolith.core._emulator.options import RunOptions, check_positive_int
+from monolith.core._emulator.options import RunOptions
 from monolith.core._emulator.results import EmulatedTPUTraining, TrainResult
+from monolith.core._validation import positive_int
 
 RUN_FOREVER_STEP = 2**62
 
@@ -35,7 +36,7 @@ def stop_at_step_hook(
         raise ValueError(f"steps={steps!r} and max_steps={max_steps!r}: give at most one of them.")
     for name, value in (("steps", steps), ("max_steps", max_steps)):
         if value is not None:
-            check_positive_int(name, value)
+            positive_int(name, value)
     counter = _tpu_util.parse_iterations_per_loop(iterations_per_loop)
     if steps is None and max_steps is None:
         max_steps = RUN_FOREVER_STEP
