@@ -280,13 +280,14 @@ def model_fn(features, labels, mode, params):
     per_example = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
     loss = tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
-    # Built before the train op: the host call reads the global step here and
-    # orders that read before the optimizer's increment, so every step's
-    # summaries are logged under that step's number.
-    host_call = _host_call(params, on_tpu)
     train_op = tf.group(
         _minimize(loss, embeddings, features, on_tpu), _count_examples_trained(padding, on_tpu)
     )
+
+    # generate_host_call_hook() below orders the host call's global-step read
+    # before the optimizer's increment, so every step's summaries are logged
+    # under that step's number (built before or after the train op).
+    host_call = _host_call(params, on_tpu)
 
     host_call.record_summary_tensor("labels_for_auc_calculation", labels)
     host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)

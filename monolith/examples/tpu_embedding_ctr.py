@@ -18,8 +18,9 @@ not in dense variables of the model. Here:
   `tf.compat.v1.tpu.experimental.embedding_column` over the categorical id
   column, trained with Adagrad (`AdagradParameters`);
 * `model_fn` reads the looked-up (mean-combined) embeddings with
-  `input_layer`, masks the loss of padding examples, and trains its dense
-  layer with Adagrad through `CrossShardOptimizer`;
+  `input_layer` and trains its dense layer with Adagrad through
+  `CrossShardOptimizer`, wrapped with `skip_padding_steps` so that padding
+  steps train nothing (the padding batch's empty ids update no table row);
 * the end-of-stream feed hook stops training after the last real batch; it
   passes the TPU embedding configuration to `initialize_system`.
 
@@ -39,7 +40,11 @@ from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
-from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, append_stopping_signals
+from monolith.core.stopping_signals import (
+    USER_PROVIDED_SIGNAL_NAME,
+    append_stopping_signals,
+    skip_padding_steps,
+)
 
 ITEM_IDS = "item_ids"
 NUM_ITEMS = 10_000
@@ -103,14 +108,16 @@ def embedding_config_spec(learning_rate: float = 0.05) -> tpu_estimator.Embeddin
 
 
 def model_fn(features: Mapping[str, Any], labels: tf.Tensor, mode: str, params: Mapping) -> Any:
-    """Logistic regression on the looked-up item embedding; padding examples weigh 0."""
+    """Logistic regression on the looked-up item embedding; padding steps train nothing."""
     del params
     embedded = tf.compat.v1.feature_column.input_layer(features, embedding_columns())
     logits = tf.compat.v1.layers.dense(embedded, 1, name="logits")
+    # The weights only keep padding out of the logged loss; skip_padding_steps
+    # keeps padding steps from training and from advancing the global step.
     real = 1.0 - tf.cast(tf.reshape(features[USER_PROVIDED_SIGNAL_NAME], [-1, 1]), tf.float32)
     loss = tf.compat.v1.losses.sigmoid_cross_entropy(labels, logits, weights=real)
-    optimizer = tf.compat.v1.tpu.CrossShardOptimizer(
-        tf.compat.v1.train.AdagradOptimizer(learning_rate=0.05)
+    optimizer = skip_padding_steps(
+        tf.compat.v1.tpu.CrossShardOptimizer(tf.compat.v1.train.AdagradOptimizer(0.05)), features
     )
     train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
     return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
