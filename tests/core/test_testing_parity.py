@@ -444,3 +444,37 @@ def test_train_result_keeps_the_first_sessions_global_step_after_a_recreation(tm
     assert result.initial_global_step == 0
     assert (result.loops_run, result.steps_run, result.global_step) == (3, 6, 6)
     assert result.uncounted_steps == 0
+
+
+def _adam_model_fn(features, mode, params):
+    weight = tf.compat.v1.get_variable("w", [], tf.float32, tf.compat.v1.ones_initializer())
+    with tf.compat.v1.name_scope("tower"):
+        scale = tf.compat.v1.Variable(1.0, name="scale", use_resource=True)
+    loss = tf.reduce_mean(tf.square(features["id"] * weight * scale - 1.0))
+    optimizer = tf.compat.v1.tpu.CrossShardOptimizer(tf.compat.v1.train.AdamOptimizer(0.01))
+    train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
+    return TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
+
+
+def test_variable_names_are_those_of_a_tpuestimator_checkpoint(tmp_path):
+    """Adam's beta powers and a model_fn's own name scope, in both TF behaviours."""
+    with simulated_tpu.simulated_tpu_system(num_hosts=1, cores_per_host=1):
+        built = simulated_tpu.build_tpu_training_graph(
+            _adam_model_fn,
+            _stream_input_fn(2),
+            config=_simulated_tpuestimator_run_config(tmp_path / "estimator"),
+            train_batch_size=BATCH_SIZE,
+        )
+    estimator_names = sorted(
+        v.op.name for v in built.graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
+    )
+    result = testing.train(
+        _adam_model_fn,
+        _stream_input_fn(2),
+        model_dir=str(tmp_path / "emulator"),
+        iterations_per_loop=2,
+        train_batch_size=BATCH_SIZE,
+    )
+    emulator_names = sorted(name for name, _ in tf.train.list_variables(result.final_checkpoint))
+    assert emulator_names == estimator_names
+    assert {"beta1_power", "beta2_power", "tower/scale", "tower/scale/Adam"} <= set(emulator_names)

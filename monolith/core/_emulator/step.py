@@ -49,10 +49,27 @@ class TrainLoop:
     outfeed: Outfeed
 
 
-def _lift_variable_creation(next_creator: Callable[..., Any], **kwargs: Any) -> Any:
-    """Creates variables outside the loop body (while_v2 bodies are FuncGraphs)."""
-    with tf.init_scope():
-        return next_creator(**kwargs)
+def _lift_variable_creation(loop_scope: str) -> Callable[..., Any]:
+    """A variable creator that creates variables outside the loop body.
+
+    while_v2 bodies are FuncGraphs, so variables must be lifted out of them.
+    The loop's own name scope (`loop_scope`, v1 while loops) is dropped from
+    the name, as TPUEstimator's loop does: a `tf.Variable` such as Adam's
+    `beta1_power` gets the name a TPUEstimator checkpoint has, and a scope the
+    model_fn opened itself is kept.
+    """
+
+    def creator(next_creator: Callable[..., Any], **kwargs: Any) -> Any:
+        scope = tf.compat.v1.get_default_graph().get_name_scope()
+        if loop_scope and (scope == loop_scope or scope.startswith(loop_scope + "/")):
+            scope = scope[len(loop_scope) + 1 :]
+        with (
+            tf.init_scope(),
+            tf.compat.v1.get_default_graph().name_scope(scope + "/" if scope else None),
+        ):
+            return next_creator(**kwargs)
+
+    return creator
 
 
 @contextlib.contextmanager
@@ -79,9 +96,10 @@ def _one_replica_cross_replica_sum() -> Iterator[None]:
 
 
 def _call_model_fn(model_fn: Callable[..., Any], infeed: Infeed, options: BuildOptions) -> tuple:
+    loop_scope = tf.compat.v1.get_default_graph().get_name_scope()
     features, labels = infeed.dequeue()
     with (
-        tf.compat.v1.variable_creator_scope(_lift_variable_creation),
+        tf.compat.v1.variable_creator_scope(_lift_variable_creation(loop_scope)),
         _one_replica_cross_replica_sum(),
     ):
         spec = user_params.call_model_fn(model_fn, features, labels, options)
