@@ -303,11 +303,55 @@ _CLI_RUNS = {
     "no_steps": (1, 8, [TINY, "--omit_steps"]),
     "batch_12_on_8": (1, 8, [TINY, "--batch_size", "12"]),
     "no_tpu": (1, 8, [NO_TPU]),
+    "readme_snippet": (1, 8, ["README_SNIPPET"]),
 }
+
+README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+_SNIPPET_SECTION = "## Using it with TPUEstimator"
+_SNIPPET_PLACEHOLDER = "    ...  # preds, loss\n"
+# What README leaves to the reader: a finite dataset, the model's preds and
+# loss, a model_dir and a resolver (any TPU name resolves in the dry run).
+_SNIPPET_PRELUDE = """\
+import tensorflow as tf
+
+model_dir = sys.argv[sys.argv.index("--model_dir") + 1]
+resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="my-tpu")
+
+
+def make_finite_dataset():
+    x = tf.random.stateless_uniform([4096, 8], seed=[1, 2])
+    features = {"x": x, "uid_bucket": tf.zeros([4096], tf.int32)}
+    labels = tf.cast(x[:, 0] > 0.5, tf.float32)
+    return tf.data.Dataset.from_tensor_slices((features, labels))
+"""
+_SNIPPET_MODEL = """\
+    logits = tf.compat.v1.layers.dense(features["x"], 1)[:, 0]
+    preds = tf.sigmoid(logits)
+    loss = tf.compat.v1.losses.sigmoid_cross_entropy(labels, logits)
+"""
+
+
+def _readme_snippet_program(tmp_dir):
+    """README's TPUEstimator snippet as written, with only its placeholders filled in."""
+    with open(README, encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index(_SNIPPET_SECTION) :]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = section[start : section.index("```\n", start)]
+    assert snippet.count(_SNIPPET_PLACEHOLDER) == 1, "README's model_fn placeholder moved"
+    snippet = snippet.replace(_SNIPPET_PLACEHOLDER, _SNIPPET_MODEL)
+    imports_end = snippet.index("\n\n\ndef ")
+    program = snippet[:imports_end] + "\n\n" + _SNIPPET_PRELUDE + snippet[imports_end:]
+    path = os.path.join(tmp_dir, "readme_snippet.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(program)
+    return path
 
 
 def _run_cli(name, tmp_dir):
     num_hosts, cores, program = _CLI_RUNS[name]
+    if program == ["README_SNIPPET"]:
+        program = [_readme_snippet_program(tmp_dir)]
     model_dir = os.path.join(tmp_dir, name)
     argv = [sys.executable, "-m", "monolith.core.simulated_tpu"]
     argv += ["--num_hosts", str(num_hosts), "--cores_per_host", str(cores), *program]
@@ -392,3 +436,13 @@ def test_cli_program_that_never_touches_a_tpu_exits_non_zero(cli):
     run = cli["no_tpu"]
     assert run.returncode == dry_run.EXIT_NO_TPU_SESSION
     assert "never reached the TPU device boundary" in run.stderr
+
+
+def test_cli_readme_tpuestimator_snippet_reaches_the_boundary(cli):
+    """README's "Using it with TPUEstimator" code, unchanged but for its placeholders."""
+    fields = _reached(cli["readme_snippet"])
+    assert fields["TPU system"] == "1 host(s) x 8 core(s), 8 replica(s)"
+    assert fields["feed hook"] == FEED_HOOK
+    for op in ("InfeedDequeueTuple", "OutfeedEnqueueTuple", "CrossReplicaSum"):
+        assert op in fields["train step ops"]
+    assert fields["host call"] == "yes"
