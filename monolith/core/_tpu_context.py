@@ -53,3 +53,16 @@ def enclosing_tpu_context() -> Optional[Any]:
             context = context.outer_context
         graph = getattr(graph, "outer_graph", None)
     return None
+
+
+def sum_over_replicas(tensor: tf.Tensor, name: Optional[str] = None) -> tf.Tensor:
+    """`tensor` summed over the replicas of the enclosing TPU computation.
+
+    The stop rule (a step is padding when any replica's batch is) must be
+    decided identically on every replica, so the feed hook's outfed signal and
+    `skip_padding_steps` both sum the local flag here. Outside a TPU
+    replicate context (CPU, the emulator: one replica) the sum is the tensor.
+    """
+    if enclosing_tpu_context() is None:
+        return tensor
+    return tf.compat.v1.tpu.cross_replica_sum(tensor, name=name)

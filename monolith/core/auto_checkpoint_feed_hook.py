@@ -75,7 +75,7 @@ from monolith.core._feed_controllers import (
     _OpSignalOnceQueueContext,
     format_thread_stack,
 )
-from monolith.core._tpu_context import enclosing_tpu_context
+from monolith.core._tpu_context import sum_over_replicas
 from monolith.core._validation import positive_int
 
 __all__ = [
@@ -719,6 +719,4 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         flag = tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.int32)
         if flag.shape.ndims == 0:
             flag = tf.reshape(flag, [1])
-        if enclosing_tpu_context() is not None:
-            flag = tf.compat.v1.tpu.cross_replica_sum(flag)
-        return {_STOPPING_KEY: flag > 0}, _USER_PROVIDED_SIGNAL_NAME
+        return {_STOPPING_KEY: sum_over_replicas(flag) > 0}, _USER_PROVIDED_SIGNAL_NAME

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from monolith.core._tpu_context import enclosing_tpu_context
+from monolith.core._tpu_context import sum_over_replicas
 from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
 
 __all__ = ["skip_padding_steps"]
@@ -142,9 +142,7 @@ def _any_replica_padding(flag: tf.Tensor) -> tf.Tensor:
     outside one (CPU, the emulator) the local flag decides.
     """
     local = tf.cast(tf.reduce_any(tf.cast(flag, tf.int32) > 0), tf.int32)
-    if enclosing_tpu_context() is None:
-        return local > 0
-    return tf.compat.v1.tpu.cross_replica_sum(local, name="any_replica_padding") > 0
+    return sum_over_replicas(local, name="any_replica_padding") > 0
 
 
 def _optimizer_chain(optimizer: _Optimizer) -> list:
