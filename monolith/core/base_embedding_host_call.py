@@ -507,8 +507,8 @@ class BaseEmbeddingHostCall(BaseHostCall):
                 routed[name] = tensor
             elif _STOPPING_SIGNALS in name:
                 routed[_STOPPING_SIGNALS] = tensor
-            elif not self._enable_caching_with_tpu_var_mode and _auc_input_role(name):
-                routed[_auc_input_role(name)] = tensor
+            elif not self._enable_caching_with_tpu_var_mode and (role := _auc_input_role(name)):
+                routed[role] = tensor
             else:
                 summaries.scalar(name, _host_call_summaries.reduced_scalar(name, tensor))
         return routed
