@@ -593,9 +593,9 @@ _PROFILED = (
     "session.py:run",
     "auto_checkpoint_feed_hook.py:before_run",
     "auto_checkpoint_feed_hook.py:_wait_for_outfeed",
-    "_feed_controllers.py:wait_for_finished_loops",
+    "controllers.py:wait_for_finished_loops",
     "auto_checkpoint_feed_hook.py:_raise_feed_error",
-    "_feed_controllers.py:send_next_batch_signal",
+    "controllers.py:send_next_batch_signal",
 )
 
 

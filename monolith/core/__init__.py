@@ -6,6 +6,6 @@ unsupported version fails with one clear message rather than a deep ImportError.
 
 import tensorflow as _tf
 
-from monolith.core._tf_version import check_tensorflow_version as _check
+from monolith.core.common.tf_version import check_tensorflow_version as _check
 
 _check(_tf.__version__)

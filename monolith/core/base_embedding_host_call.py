@@ -57,8 +57,8 @@ update, e.g. call `record_summary_tpu_variables()` under
 
 This module is the drop-in facade (names, signatures and defaults of the
 original); the cached window (TPU variables, roll-and-add updates, used part)
-is built by `_cached_window`, the summaries by `_host_call_summaries`, and
-the step numbers by `_host_call_steps`.
+is built by `host_call.cached_window`, the summaries by `host_call.summaries`, and
+the step numbers by `host_call.steps`.
 
 Differences from the original Monolith module: the host call runs only when
 both the constructor and `params["enable_host_call"]` enable it (a warning
@@ -78,10 +78,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from monolith.core import _cached_window, _host_call_summaries, _tensor_checks
-from monolith.core._cached_window import TPUVariableRestoreHook
-from monolith.core._validation import positive_int
 from monolith.core.base_host_call import BaseHostCall
+from monolith.core.common.validation import positive_int
+from monolith.core.host_call import cached_window as _cached_window
+from monolith.core.host_call import summaries as _host_call_summaries
+from monolith.core.host_call import tensor_checks as _tensor_checks
+from monolith.core.host_call.cached_window import TPUVariableRestoreHook
 from monolith.core.tpu_variable import ReplicatedVariable
 
 __all__ = ["BaseEmbeddingHostCall", "TPUVariableRestoreHook"]

@@ -32,7 +32,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from monolith.core import _host_call_layout, _host_call_steps, _tensor_checks
+from monolith.core.host_call import layout as _host_call_layout
+from monolith.core.host_call import steps as _host_call_steps
+from monolith.core.host_call import tensor_checks as _tensor_checks
 
 _GLOBAL_STEP_NAME = "global_step"
 

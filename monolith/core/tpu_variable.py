@@ -32,7 +32,7 @@ from tensorflow.python.framework import tensor_conversion_registry
 from tensorflow.python.ops import gen_resource_variable_ops
 from tensorflow.python.types import core
 
-from monolith.core._tpu_context import enclosing_tpu_context as _enclosing_tpu_context
+from monolith.core.common.tpu_context import enclosing_tpu_context as _enclosing_tpu_context
 
 __all__ = ["ReplicatedVariable"]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from monolith.core import _host_call_layout
 from monolith.core.base_host_call import BaseHostCall
+from monolith.core.host_call import layout as _host_call_layout
 
 pytestmark = pytest.mark.timeout(60)
 

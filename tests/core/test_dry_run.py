@@ -22,10 +22,12 @@ from tensorflow.python.client import session as session_lib
 from tensorflow.python.distribute.cluster_resolver.tpu import tpu_cluster_resolver
 from tensorflow_estimator.python.estimator.tpu import tpu_config
 
-from monolith.core import _device_boundary, dry_run, simulated_tpu
+from monolith.core import simulated_tpu
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from monolith.core.simulated_tpu import device_boundary as _device_boundary
+from monolith.core.simulated_tpu import dry_run
 from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME
 from monolith.examples import tpu_embedding_ctr
 

@@ -401,10 +401,28 @@ def test_batches_per_step_disagreeing_with_context_is_a_value_error():
         _in_graph(lambda: skip_trained_batches(_ids(), 2, context=_FakeContext(4)))
 
 
+def _first_batch_at_global_step(global_step_value, **kwargs):
+    """The first batch `skip_trained_batches(_ids(), **kwargs)` yields at this global step."""
+    with tf.Graph().as_default():
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        iterator = tf.compat.v1.data.make_initializable_iterator(
+            skip_trained_batches(_ids(), **kwargs)
+        )
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            session.run(global_step.assign(global_step_value))
+            session.run(iterator.initializer)
+            return session.run(iterator.get_next()).tolist()
+
+
 def test_batches_per_step_agreeing_with_context_is_accepted():
-    assert _in_graph(lambda: trained_batches._batches_per_step(4, _FakeContext(4))) == 4
+    # 3 steps x 4 batches of 2 ids: the first batch left is the 13th, [24, 25].
+    assert _first_batch_at_global_step(3, batches_per_step=4, context=_FakeContext(4)) == [24, 25]
+
+
+def test_per_host_v1_context_takes_one_batch_per_step():
     v1 = _FakeContext(4, tpu_config.InputPipelineConfig.PER_HOST_V1)
-    assert _in_graph(lambda: trained_batches._batches_per_step(None, v1)) == 1
+    assert _first_batch_at_global_step(3, context=v1) == [6, 7]
 
 
 def test_no_global_step_is_a_runtime_error():

@@ -6,7 +6,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from monolith.core import _tf_version
+from monolith.core.common import tf_version as _tf_version
 
 
 @pytest.mark.parametrize("version", ["2.12.0", "2.13.1", "2.14.0", "2.15.1", "2.15.0rc1"])

@@ -18,10 +18,10 @@ import pytest
 import tensorflow as tf
 
 from monolith.core import simulated_tpu, testing
-from monolith.core._validation import positive_int
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook as Hook,
 )
+from monolith.core.common.validation import positive_int
 from monolith.core.stopping_signals import append_stopping_signals
 from monolith.core.testing import FakeTPUContext
 from monolith.core.trained_batches import skip_trained_batches

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 
-from monolith.core._emulator.infeed import fifo_queue
+from monolith.core.testing.infeed import fifo_queue
 
 HOST_CALL = "host_call"
 FORCE_DEQUEUE = "__force_dequeue"

@@ -8,10 +8,10 @@ import tensorflow as tf
 from tensorflow.core.protobuf.tpu import compilation_result_pb2
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 
-from monolith.core._emulator.infeed import build_infeed
-from monolith.core._emulator.options import BuildOptions
-from monolith.core._emulator.results import EmulatedTPUTraining
-from monolith.core._emulator.step import build_train_loop
+from monolith.core.testing.infeed import build_infeed
+from monolith.core.testing.options import BuildOptions
+from monolith.core.testing.results import EmulatedTPUTraining
+from monolith.core.testing.step import build_train_loop
 
 
 def _get_or_create_global_step() -> tf.Variable:

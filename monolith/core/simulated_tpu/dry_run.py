@@ -52,7 +52,8 @@ import sys
 import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from monolith.core import _device_boundary, simulated_tpu
+from monolith.core.simulated_tpu import device_boundary as _device_boundary
+from monolith.core.simulated_tpu import system as simulated_tpu
 
 __all__ = ["EXIT_NO_TPU_SESSION", "DryRunReport", "main", "report_lines"]
 

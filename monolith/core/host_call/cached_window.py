@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import logging
 
-from monolith.core import _tensor_checks
+from monolith.core.host_call import tensor_checks as _tensor_checks
 from monolith.core.tpu_variable import ReplicatedVariable
 
 LABELS = "labels_tpu_variable"

@@ -22,10 +22,10 @@ import tensorflow as tf
 from tensorflow.python.ops import gen_tpu_ops
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 
-from monolith.core._emulator import user_params
-from monolith.core._emulator.infeed import Infeed
-from monolith.core._emulator.options import BuildOptions
-from monolith.core._emulator.outfeed import Outfeed, step_records
+from monolith.core.testing import user_params
+from monolith.core.testing.infeed import Infeed
+from monolith.core.testing.options import BuildOptions
+from monolith.core.testing.outfeed import Outfeed, step_records
 
 
 @dataclasses.dataclass(frozen=True)

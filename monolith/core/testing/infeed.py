@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence, Union
 
 import tensorflow as tf
 
-from monolith.core._emulator import user_params
-from monolith.core._emulator.options import BuildOptions
+from monolith.core.testing import user_params
+from monolith.core.testing.options import BuildOptions
 
 
 def fifo_queue(specs: Sequence[Any], name: str) -> tf.queue.FIFOQueue:

@@ -19,11 +19,11 @@ from absl import logging
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 from tensorflow_estimator.python.estimator.tpu import util as _tpu_util
 
-from monolith.core import preemption
-from monolith.core._emulator import graph
-from monolith.core._emulator.options import RunOptions
-from monolith.core._emulator.results import EmulatedTPUTraining, TrainResult
-from monolith.core._validation import positive_int
+from monolith.core.common.validation import positive_int
+from monolith.core.feed import preemption
+from monolith.core.testing import graph
+from monolith.core.testing.options import RunOptions
+from monolith.core.testing.results import EmulatedTPUTraining, TrainResult
 
 RUN_FOREVER_STEP = 2**62
 

@@ -15,7 +15,8 @@ from typing import Any, List, Optional
 
 import tensorflow as tf
 
-from monolith.core import _host_call_steps, _tensor_checks
+from monolith.core.host_call import steps as _host_call_steps
+from monolith.core.host_call import tensor_checks as _tensor_checks
 
 UID_SAMPLE_RATE = 0.01
 RATIO_N = 1000

@@ -45,7 +45,7 @@ To check an unchanged TPUEstimator program instead (its own `RunConfig`,
 
     python -m monolith.core.simulated_tpu --num_hosts 2 --cores_per_host 4 -m your.module ARGS
 
-(`monolith.core.dry_run`; `--help` says more). `simulated_cluster_resolver`
+(`monolith.core.simulated_tpu.dry_run`; `--help` says more). `simulated_cluster_resolver`
 is the piece that makes `TPUClusterResolver(tpu=<any name>)` resolve to the
 simulated system without GCP.
 
@@ -71,8 +71,9 @@ from tensorflow.python.tpu import tpu_system_metadata as _tpu_system_metadata
 from tensorflow_estimator.python.estimator.tpu import tpu_config
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 
-from monolith.core import _device_boundary, _simulated_resolver
-from monolith.core._validation import positive_int
+from monolith.core.common.validation import positive_int
+from monolith.core.simulated_tpu import device_boundary as _device_boundary
+from monolith.core.simulated_tpu import resolver as _simulated_resolver
 
 __all__ = [
     "SIMULATED_MASTER",
@@ -309,7 +310,7 @@ def build_tpu_training_graph(
     """Builds the `TPUEstimator(use_tpu=True)` training graph and stops before any session.
 
     Runs `TPUEstimator(model_fn, config=..., use_tpu=True, ...).train(input_fn, ...)`
-    under the dry run's device-boundary mechanism (`monolith.core.dry_run`):
+    under the dry run's device-boundary mechanism (`monolith.core.simulated_tpu.dry_run`):
     TPUEstimator is handed a recording subclass of the configured feed hook
     class, which here, after the real `begin()`, records the graph and stops
     training with a private exception that this function catches. So
@@ -403,9 +404,3 @@ def simulated_cluster_resolver(num_hosts: int = 1, cores_per_host: int = 8) -> A
     positive_int("num_hosts", num_hosts)
     positive_int("cores_per_host", cores_per_host)
     return _simulated_resolver.simulated_cluster_resolver(num_hosts, cores_per_host)
-
-
-if __name__ == "__main__":
-    from monolith.core import dry_run
-
-    sys.exit(dry_run.main(sys.argv[1:]))

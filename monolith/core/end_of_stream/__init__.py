@@ -1,0 +1,12 @@
+"""The input side of end-of-stream training, used in the user's input_fn and model_fn.
+
+* `stopping_signals`: `append_stopping_signals` flags real batches and
+  appends the endless padding tail;
+* `padding_steps`: `skip_padding_steps`, an optimizer wrapper under which a
+  padding step changes nothing;
+* `trained_batches`: `skip_trained_batches`, resuming the stream after the
+  batches the restored checkpoint has trained.
+
+They depend on the signal's name (`monolith.core.feed.signal`), not on the
+feed hook. Users import them from `monolith.core.stopping_signals`.
+"""

@@ -1,0 +1,194 @@
+"""Resuming the input stream where the restored model left it: `skip_trained_batches`.
+
+End-of-stream training reads a finite stream once. A restarted job (after a
+`kill -9`, a preemption, or a finished run started again) replays the stream
+from its first batch unless the input pipeline knows how far the restored
+model got; everything before the checkpoint is then trained twice.
+
+The checkpoint already holds that position. With `skip_padding_steps`, a step
+where any replica's batch is padding changes nothing and does not advance the
+global step, so the restored global step is the number of real steps, and
+each input pipeline has consumed `global_step * batches_per_step` batches of
+its stream for them. `skip_trained_batches` skips exactly those batches.
+
+The count is read from the graph's global step variable by an op of the
+dataset graph, so it is evaluated when the iterator's initializer runs, i.e.
+after the checkpoint restore (TPUEstimator's `MultiHostDatasetInitializerHook`
+and the emulator's feed hook both run it in `after_create_session`). A
+session that `MonitoredSession` recreates in-process (on AbortedError or
+UnavailableError, e.g. after a TPU worker restart) restores the checkpoint and
+runs the initializer again, so it resumes at the right batch too; a Python
+value read while the graph is built would resume it at the first run's
+position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import tensorflow as tf
+from absl import logging
+from tensorflow_estimator.python.estimator.tpu import tpu_config
+
+from monolith.core.common.validation import positive_int
+
+__all__ = ["skip_trained_batches"]
+
+
+def skip_trained_batches(
+    dataset: tf.data.Dataset,
+    batches_per_step: Optional[int] = None,
+    *,
+    context: Any = None,
+) -> tf.data.Dataset:
+    """The batched `dataset` minus the batches the restored model has already trained.
+
+    Skips `global_step * batches_per_step` batches, with the global step read
+    in-graph when the input iterator is initialised (after the checkpoint
+    restore), not when the graph is built:
+
+        from monolith.core.stopping_signals import (
+            append_stopping_signals,
+            skip_trained_batches,
+        )
+
+        def input_fn(params):
+            dataset = tf.data.TFRecordDataset(files)  # same order every run
+            dataset = dataset.shuffle(10_000, seed=7)  # seeded: deterministic
+            dataset = dataset.batch(params["batch_size"], drop_remainder=True)
+            dataset = dataset.map(parse_batch)
+            dataset = skip_trained_batches(dataset, context=params.get("context"))
+            return append_stopping_signals(dataset)
+
+    What it rests on:
+
+    * The global step counts real steps: the model_fn wraps its optimizer
+      with `skip_padding_steps` (or otherwise advances the global step once
+      per real step and never on a padding step).
+    * The dataset order is deterministic: every run yields the same batches
+      in the same order (seeded shuffles, a fixed file order, no
+      `deterministic=False` interleaves or maps). Otherwise the skipped
+      batches are not the trained ones.
+    * It goes on the batched dataset (one element = one batch the model
+      trains on), before `append_stopping_signals`, so only real batches are
+      skipped and the padding tail stays endless.
+
+    Batches per step: every train step consumes `batches_per_step` batches of
+    this input pipeline. Under TPUEstimator's PER_HOST_V2 (the original
+    runner's setting) each host's input_fn feeds all replicas of its host,
+    with one `get_next()` per replica, so it is the host's replica count,
+    `params["context"].current_input_fn_deployment()[3]`. Under PER_HOST_V1
+    (one per-host batch split across the host's cores), BROADCAST (one batch
+    for all replicas) and PER_SHARD_V1 (one input_fn per core) it is 1.
+    Pass `context=params["context"]` to derive it, or give it explicitly.
+
+    The partial last step: training stops on the first step in which any
+    replica's batch is padding, and `skip_padding_steps` applies nothing on
+    that step. When the stream ends inside a step (some replicas got real
+    batches, others padding; or, with several hosts, one host's shard ends
+    first), the real batches of that step are not trained, like
+    `drop_remainder=True` at the global batch. A restart skips the
+    `global_step * batches_per_step` trained batches, meets the same partial
+    step, and trains nothing more.
+
+    Not for eager iteration: eagerly, the count would be read once, now. In a
+    graph it works with `make_initializable_iterator` (what TPUEstimator and
+    `monolith.core.testing` use); `make_one_shot_iterator` refuses datasets
+    that read a variable.
+
+    Args:
+      dataset: A batched `tf.data.Dataset` (before `append_stopping_signals`).
+      batches_per_step: Batches of this pipeline one train step consumes (a
+        positive int). None: derived from `context`, or 1 without it.
+      context: TPUEstimator's `params["context"]` (a `TPUContext`) of this
+        input_fn call, or None.
+
+    Returns:
+      `dataset` with its first `global_step * batches_per_step` elements
+      skipped, the count evaluated at each iterator initialisation.
+
+    Raises:
+      TypeError: `dataset` is not a `tf.data.Dataset`; `batches_per_step` is
+        not an int; `context` has no `current_input_fn_deployment`.
+      ValueError: `batches_per_step` is not positive, or disagrees with the
+        count `context` gives.
+      RuntimeError: called eagerly, or the graph has no global step (create
+        it first; TPUEstimator and the emulator do before calling input_fn).
+      tf.errors.InvalidArgumentError: at iterator initialisation, if the
+        global step is negative.
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            f"dataset={dataset!r} (type {type(dataset).__name__}) must be a tf.data.Dataset."
+        )
+    per_step = _batches_per_step(batches_per_step, context)
+    if tf.executing_eagerly():
+        raise RuntimeError(
+            "skip_trained_batches reads the global step when the input iterator is "
+            "initialised, which needs a graph (a TPUEstimator input_fn, or "
+            "tf.compat.v1.data.make_initializable_iterator); eagerly the count would be "
+            "read once, now."
+        )
+    global_step = tf.compat.v1.train.get_global_step()
+    if global_step is None:
+        raise RuntimeError(
+            "skip_trained_batches found no global step in the graph; create it first "
+            "(tf.compat.v1.train.get_or_create_global_step(); TPUEstimator does before it "
+            "calls input_fn)."
+        )
+    logging.info(
+        "Input resumes after global_step * %d batches (read at iterator initialisation).",
+        per_step,
+    )
+    with tf.name_scope("skip_trained_batches"):
+        # An op of the dataset graph: runs with the iterator's initializer.
+        step = tf.identity(tf.cast(global_step, tf.int64), name="trained_steps")
+        check = tf.debugging.assert_non_negative(
+            step, message="skip_trained_batches: the global step is negative"
+        )
+        with tf.control_dependencies([check]):
+            count = step * per_step
+    return dataset.skip(count)
+
+
+def _batches_per_step(batches_per_step: Any, context: Any) -> int:
+    """The validated batches-per-step count from the argument and/or the TPU context."""
+    if batches_per_step is not None:
+        batches_per_step = positive_int("batches_per_step", batches_per_step)
+    if context is None:
+        return int(batches_per_step) if batches_per_step is not None else 1
+    from_context = _from_context(context)
+    if batches_per_step is not None and batches_per_step != from_context:
+        raise ValueError(
+            f"batches_per_step={batches_per_step!r} disagrees with context={context!r}, whose "
+            f"input deployment consumes {from_context} batch(es) per step; give one of them."
+        )
+    return from_context
+
+
+def _from_context(context: Any) -> int:
+    """Batches one train step takes from the input_fn `context` belongs to.
+
+    PER_HOST_V2: `current_input_fn_deployment()[3]` (one `get_next()` per
+    replica of the host, at least 1). Every other deployment: 1 (PER_HOST_V1
+    and BROADCAST dequeue one batch per step and split or copy it; PER_SHARD_V1
+    calls input_fn per core, each fed once per step).
+
+    Args:
+      context: TPUEstimator's `params["context"]` in an input_fn.
+
+    Raises:
+      TypeError: `context` is not a TPUEstimator `TPUContext`.
+    """
+    if not callable(getattr(context, "current_input_fn_deployment", None)):
+        raise TypeError(
+            f"context={context!r} (type {type(context).__name__}) must be TPUEstimator's "
+            'params["context"] (a TPUContext with current_input_fn_deployment()).'
+        )
+    replicas = int(context.current_input_fn_deployment()[3])
+    # TPUContext has no public view of the input mode; its internal context does.
+    internal = getattr(context, "_internal_ctx", None)
+    mode = internal.config.tpu_config.per_host_input_for_training if internal else None
+    if mode is tpu_config.InputPipelineConfig.PER_HOST_V2:
+        return max(1, replicas)
+    return 1

@@ -1,0 +1,210 @@
+"""Graceful stop on SIGTERM, the signal a preemption sends, and why training stopped.
+
+A Cloud TPU VM preemption, `docker stop` and a Kubernetes eviction all send
+SIGTERM and give the process a grace period (about 30 s) before SIGKILL.
+Python's default is to die at once, losing everything since the last
+checkpoint. The feed hook
+(`monolith.core.auto_checkpoint_feed_hook.TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook`)
+instead installs a `SigtermWatcher` while it trains: the signal only sets a
+flag, and at the next loop boundary the hook stops training exactly as at the
+end of the stream (OutOfRangeError from `before_run`), so every hook's `end()`
+runs and `CheckpointSaverHook` writes the final checkpoint.
+
+Public API:
+
+* `StopReason`, `last_stop_reason()`: whether the feed hook stopped the last
+  training run of this process at the end of the stream or on SIGTERM (None
+  when it did not stop it: a step limit, an error, or no feed hook).
+* `RESTART_EXIT_CODE` (42, as TF's `PreemptionCheckpointHandler`): the exit
+  code a program should use after a SIGTERM stop, so a job launcher restarts
+  it instead of taking it for a finished run.
+* Environment `MONOLITH_STOP_ON_SIGTERM=0` turns the SIGTERM stop off (the
+  hook then leaves SIGTERM alone). It is on by default because TPUEstimator,
+  not the user, constructs the hook.
+
+SIGINT is not touched: TPUEstimator's `InstallSignalHandlerHook` resets it to
+SIG_DFL before every loop, so Ctrl-C ends the process at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import threading
+from typing import Any, Callable, Optional, Union
+
+from absl import logging
+
+__all__ = [
+    "RESTART_EXIT_CODE",
+    "STOP_ON_SIGTERM_ENV",
+    "SigtermWatcher",
+    "StopReason",
+    "last_stop_reason",
+    "stop_on_sigterm_enabled",
+]
+
+RESTART_EXIT_CODE = 42
+STOP_ON_SIGTERM_ENV = "MONOLITH_STOP_ON_SIGTERM"
+
+_OFF_VALUES = ("0", "false", "no", "off")
+_ON_VALUES = ("", "1", "true", "yes", "on")
+
+_Handler = Union[Callable[[int, Any], Any], int, None]
+
+
+class StopReason(enum.Enum):
+    """Why the feed hook stopped training."""
+
+    END_OF_STREAM = "end_of_stream"
+    SIGTERM = "sigterm"
+
+
+_last_stop_reason: Optional[StopReason] = None
+
+
+def last_stop_reason() -> Optional[StopReason]:
+    """Why the feed hook stopped the most recent training run in this process.
+
+    Returns:
+      `StopReason.END_OF_STREAM` or `StopReason.SIGTERM`; None when that run
+      was not stopped by the feed hook (step limit, error, other hook) or no
+      run has started. Reset when a feed hook begins a new run.
+    """
+    return _last_stop_reason
+
+
+def _set_last_stop_reason(reason: Optional[StopReason]) -> None:
+    """Records the stop reason (called by the feed hook on the training thread)."""
+    global _last_stop_reason
+    _last_stop_reason = reason
+
+
+def stop_on_sigterm_enabled() -> bool:
+    """Whether the feed hook should stop gracefully on SIGTERM (env MONOLITH_STOP_ON_SIGTERM).
+
+    Raises:
+      ValueError: The variable holds something other than 0/1/true/false/yes/no/on/off.
+    """
+    raw = os.environ.get(STOP_ON_SIGTERM_ENV, "")
+    value = raw.strip().lower()
+    if value in _OFF_VALUES:
+        return False
+    if value in _ON_VALUES:
+        return True
+    raise ValueError(
+        f"{STOP_ON_SIGTERM_ENV}={raw!r} is not one of {_OFF_VALUES + _ON_VALUES[1:]} "
+        "(unset means on)."
+    )
+
+
+def _deliver(handler: _Handler, signum: int, frame: Any) -> None:
+    """Runs the previous disposition `handler` for a signal that arrived."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        # Our handler is no longer installed: the default action (termination) applies.
+        os.kill(os.getpid(), signum)
+
+
+class SigtermWatcher:
+    """A SIGTERM handler that records the signal, chained to the handler it replaced.
+
+    `install()` and `restore()` must run on the main thread (Python's signal
+    module allows nothing else); off it, `install()` does nothing and returns
+    False. While installed, a SIGTERM sets `received` and then calls the
+    previous handler if that was a Python callable (SIG_DFL is not called: the
+    graceful stop replaces the default termination).
+
+    If training fails inside `session.run`, no hook method runs afterwards on
+    the main thread, so the hook cannot call `restore()`. `is_active` (a
+    callable given by the hook) then reports False, and the handler, on the
+    next SIGTERM, puts the previous handler back and delivers the signal to it,
+    as if it had never been installed. A later `install()` also unwraps such a
+    stale watcher.
+
+    Args:
+      is_active: Returns whether the training run that installed the watcher
+        is still going; None means always.
+    """
+
+    def __init__(self, is_active: Optional[Callable[[], bool]] = None):
+        self._is_active = is_active or (lambda: True)
+        self._received = threading.Event()
+        self._previous: _Handler = None
+        self._installed = False
+
+    @property
+    def received(self) -> bool:
+        """True once SIGTERM arrived while the watcher was installed and active."""
+        return self._received.is_set()
+
+    @property
+    def installed(self) -> bool:
+        """Whether this watcher is currently the process's SIGTERM handler."""
+        return self._installed
+
+    def install(self) -> bool:
+        """Installs the handler on the main thread; returns whether it was installed."""
+        if self._installed:
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            logging.info(
+                "SIGTERM stop not installed: training runs outside the main thread "
+                "(Python handles signals only there)."
+            )
+            return False
+        previous = signal.getsignal(signal.SIGTERM)
+        while isinstance(getattr(previous, "__self__", None), SigtermWatcher):
+            stale = previous.__self__
+            if stale._is_active():
+                break
+            previous = stale._previous  # A watcher left by a failed run: unwrap it.
+        if previous is None or previous == signal.SIG_IGN:
+            logging.info(
+                "SIGTERM stop not installed: SIGTERM is %s in this process.",
+                "ignored" if previous == signal.SIG_IGN else "handled outside Python",
+            )
+            return False
+        self._previous = previous
+        signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+        logging.info(
+            "SIGTERM stops training at the next loop boundary with a final checkpoint "
+            "(%s=0 turns this off).",
+            STOP_ON_SIGTERM_ENV,
+        )
+        return True
+
+    def restore(self) -> None:
+        """Puts the previous SIGTERM handler back (main thread only; idempotent)."""
+        if not self._installed:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logging.warning("Cannot restore the SIGTERM handler outside the main thread.")
+            return
+        current = signal.getsignal(signal.SIGTERM)
+        if getattr(current, "__self__", None) is self:
+            signal.signal(signal.SIGTERM, self._previous)
+        else:
+            # Someone installed a handler after us (and may chain to ours): keep theirs.
+            logging.warning("SIGTERM handler was replaced during training; leaving it in place.")
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        """The signal handler (Python runs it on the main thread between bytecodes)."""
+        if not self._is_active():
+            # The run that installed us ended without restore() (it failed).
+            self.restore()
+            _deliver(self._previous, signum, frame)
+            return
+        if not self._received.is_set():
+            logging.warning(
+                "Received SIGTERM: training stops at the next loop boundary and the "
+                "final checkpoint is written."
+            )
+        self._received.set()
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)

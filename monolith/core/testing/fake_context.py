@@ -1,0 +1,58 @@
+"""`FakeTPUContext`: the TPUEstimator context the feed hook reads, without a TPU."""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+from tensorflow_estimator.python.estimator.tpu import tpu_config
+
+__all__ = ["FakeTPUContext"]
+
+
+class FakeTPUContext:
+    """Stands in for TPUEstimator's `_InternalTPUContext` where the hook reads it.
+
+    Attributes read by the feed hook: `master_job`, `embedding_config`,
+    `model_parallelism_enabled`, `config.tpu_config.initial_infeed_sleep_secs`
+    and `config.tpu_config.per_host_input_for_training` (`config.tpu_config` is
+    a real `TPUConfig`). `num_replicas` is 1.
+
+    Args:
+      initialize_tpu: False (default) reports model parallelism with BROADCAST
+        input, so the hook skips TPU initialisation and shutdown (impossible on
+        CPU). True reports PER_HOST_V2 input without model parallelism, so the
+        hook calls `tf.compat.v1.tpu.initialize_system`/`shutdown_system`.
+      master_job: The TPU job name the hook logs and passes to the TPU ops.
+      initial_infeed_sleep_secs: Seconds the infeed thread sleeps first.
+      embedding_config: TPUEstimator's embedding config (None: no TPU embedding).
+      iterations_per_loop: Stored in `config.tpu_config` for reference only;
+        the loop size is the variable set by `iterations_per_loop_hook`.
+    """
+
+    num_replicas = 1
+
+    def __init__(
+        self,
+        *,
+        initialize_tpu: bool = False,
+        master_job: Optional[str] = None,
+        initial_infeed_sleep_secs: Optional[int] = None,
+        embedding_config: Any = None,
+        iterations_per_loop: int = 2,
+    ):
+        self.master_job = master_job
+        self.embedding_config = embedding_config
+        self.model_parallelism_enabled = not initialize_tpu
+        input_mode = (
+            tpu_config.InputPipelineConfig.PER_HOST_V2
+            if initialize_tpu
+            else tpu_config.InputPipelineConfig.BROADCAST
+        )
+        self.config = types.SimpleNamespace(
+            tpu_config=tpu_config.TPUConfig(
+                iterations_per_loop=iterations_per_loop,
+                per_host_input_for_training=input_mode,
+                initial_infeed_sleep_secs=initial_infeed_sleep_secs,
+            )
+        )
