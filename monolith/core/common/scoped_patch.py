@@ -179,9 +179,13 @@ class ScopedPatch:
             ]
         self._original, self._dispatcher = original, dispatcher
         self._patched = []
-        for owner in owners:
-            setattr(owner, self._name, dispatcher)
-            self._patched.append(owner)
+        try:
+            for owner in owners:
+                setattr(owner, self._name, dispatcher)
+                self._patched.append(owner)
+        except BaseException:
+            self._uninstall()  # no half-installed patch: the scope is not entered
+            raise
         logging.debug("%r installed in %d namespace(s).", self, len(self._patched))
 
     def _uninstall(self) -> None:
