@@ -71,6 +71,13 @@ def test_resolver_resolves_any_tpu_name_to_the_simulated_hosts_without_gcp():
     assert patched_tensorflow_attributes() == []
 
 
+def test_resolver_is_removed_on_error():
+    with pytest.raises(KeyError, match="boom"), simulated_tpu.simulated_cluster_resolver(1, 2):
+        raise KeyError("boom")
+
+    assert patched_tensorflow_attributes() == []
+
+
 def _resolve(tpu):
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     return resolver.master(), resolver.cluster_spec().job_tasks("worker")
