@@ -3,14 +3,20 @@
 The 1 host x 8 cores and 2 hosts x 4 cores topologies, the `RunConfig` with our feed hook,
 and one call that builds the graph (`simulated_tpu.build_tpu_training_graph`, which stops
 right after the feed hook's `begin()`). Each test then asserts its own ops.
+`patched_tensorflow_attributes()` names what the simulation left replaced in TensorFlow,
+and `on_other_thread(fn)` runs `fn` where no simulation of the test's thread acts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+import threading
+from typing import Any, Callable, List, Mapping, Optional
 
 import pytest
-from tensorflow_estimator.python.estimator.tpu import tpu_config
+from tensorflow.python.client import session as session_lib
+from tensorflow.python.distribute.cluster_resolver.tpu import tpu_cluster_resolver
+from tensorflow.python.tpu import tpu_system_metadata
+from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_context, tpu_estimator
 
 from monolith.core import simulated_tpu
 from monolith.core.auto_checkpoint_feed_hook import (
@@ -67,3 +73,50 @@ def build_on_simulated_tpu(
             params=params,
             max_steps=max_steps,
         )
+
+
+# What the simulated TPU replaces in TensorFlow while it is active, as it was
+# when the tests were collected (no simulation was active then).
+_TENSORFLOW_ATTRIBUTES = {
+    "BaseSession.__init__": (session_lib.BaseSession, "__init__"),
+    "_InternalTPUContext.feed_hook": (tpu_context._InternalTPUContext, "feed_hook"),
+    "_OutfeedHostCall.record": (tpu_estimator._OutfeedHostCall, "record"),
+    "tpu_system_metadata._query_tpu_system_metadata": (
+        tpu_system_metadata,
+        "_query_tpu_system_metadata",
+    ),
+    "TPUClusterResolver.num_accelerators": (
+        tpu_cluster_resolver.TPUClusterResolver,
+        "num_accelerators",
+    ),
+    "cloud TPU client.Client": (tpu_cluster_resolver.client, "Client"),
+}
+_ORIGINALS = {name: vars(owner)[attr] for name, (owner, attr) in _TENSORFLOW_ATTRIBUTES.items()}
+
+
+def patched_tensorflow_attributes() -> List[str]:
+    """The TensorFlow attributes that are not what they were before any simulation (sorted)."""
+    return sorted(
+        name
+        for name, (owner, attr) in _TENSORFLOW_ATTRIBUTES.items()
+        if vars(owner).get(attr) is not _ORIGINALS[name]
+    )
+
+
+def on_other_thread(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """`fn()` run on a new thread: its result, or its exception re-raised here."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 - handed back to the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="other-thread")
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{fn!r} still running after {timeout} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

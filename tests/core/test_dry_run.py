@@ -1,11 +1,13 @@
 """The dry run of unchanged TPU programs (`python -m monolith.core.simulated_tpu`).
 
-In-process tests (both TF behaviours): the simulated TPUClusterResolver, the
-device boundary, the report of a small program, the outcomes and exit codes,
+In-process tests (both TF behaviours): the simulated TPUClusterResolver and
+the device boundary (each for the thread that entered it; the dry run's for
+every thread), the report of a small program, the outcomes and exit codes,
 `--help`, and the feed hook passing the TPU embedding configuration to
 `initialize_system`. Subprocess tests (TF2 pass only) run the CLI as a user
-would on the example, the TPU-embedding example and a program configured like
-the original runner; they share one module-scoped batch of runs.
+would on the example, the TPU-embedding example, a program configured like
+the original runner, README's snippet and a batch size the replicas cannot
+share; they share one module-scoped batch of runs.
 """
 
 from __future__ import annotations
@@ -18,18 +20,16 @@ import sys
 import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2
-from tensorflow.python.client import session as session_lib
-from tensorflow.python.distribute.cluster_resolver.tpu import tpu_cluster_resolver
 from tensorflow_estimator.python.estimator.tpu import tpu_config
 
 from monolith.core import simulated_tpu
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
-from monolith.core.simulated_tpu import device_boundary as _device_boundary
-from monolith.core.simulated_tpu import dry_run
+from monolith.core.simulated_tpu import device_boundary, dry_run
 from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME
 from monolith.examples import tpu_embedding_ctr
+from tests.core._simulated_tpu_helpers import on_other_thread, patched_tensorflow_attributes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,7 +57,6 @@ def _report(lines):
 
 
 def test_resolver_resolves_any_tpu_name_to_the_simulated_hosts_without_gcp():
-    original_client = tpu_cluster_resolver.client
     with simulated_tpu.simulated_cluster_resolver(num_hosts=2, cores_per_host=4):
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
             tpu="no-such-tpu", zone="nowhere-1a", project="no-project"
@@ -69,7 +68,35 @@ def test_resolver_resolves_any_tpu_name_to_the_simulated_hosts_without_gcp():
         assert resolver.num_accelerators() == {"TPU": 4}
         assert config.master == simulated_tpu.SIMULATED_MASTER
         assert [job.name for job in config.session_config.cluster_def.job] == ["worker"]
-    assert tpu_cluster_resolver.client is original_client
+    assert patched_tensorflow_attributes() == []
+
+
+def test_resolver_is_removed_on_error():
+    with pytest.raises(KeyError, match="boom"), simulated_tpu.simulated_cluster_resolver(1, 2):
+        raise KeyError("boom")
+
+    assert patched_tensorflow_attributes() == []
+
+
+def _resolve(tpu):
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    return resolver.master(), resolver.cluster_spec().job_tasks("worker")
+
+
+def test_resolver_resolves_only_on_the_thread_that_entered_it():
+    # A grpc:// address is resolved by TensorFlow's own client without the
+    # Cloud API (nothing connects), so both answers are observable offline.
+    direct = "grpc://10.1.2.3:8470"
+    with simulated_tpu.simulated_cluster_resolver(num_hosts=2, cores_per_host=4):
+        here = _resolve(direct)
+        elsewhere = on_other_thread(lambda: _resolve(direct))
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="my-tpu")
+        # A simulated resolver answers the same on any thread it is handed to.
+        assert on_other_thread(resolver.num_accelerators) == {"TPU": 4}
+
+    assert here == (simulated_tpu.SIMULATED_MASTER, ["127.0.0.1:8470", "127.0.0.2:8470"])
+    assert elsewhere == (direct, ["10.1.2.3:8470"])
+    assert patched_tensorflow_attributes() == []
 
 
 @pytest.mark.parametrize("kwargs", [{"num_hosts": 0}, {"cores_per_host": 1.5}])
@@ -83,17 +110,58 @@ def test_boundary_stops_a_remote_session_and_lets_local_sessions_run():
     graph = tf.Graph()
     with graph.as_default():
         two = tf.constant(2)
-    with _device_boundary.stop_at_device_boundary():
+    with device_boundary.stop_at_device_boundary():
         with tf.compat.v1.Session(graph=graph) as local:
             assert local.run(two) == 2
-        with pytest.raises(_device_boundary.DeviceBoundaryReached) as reached:
+        with pytest.raises(device_boundary.DeviceBoundaryReached) as reached:
             tf.compat.v1.Session("grpc://127.0.0.1:8470", graph=graph)
     assert reached.value.graph is graph
     assert "grpc://127.0.0.1:8470" in reached.value.where
     assert not isinstance(reached.value, Exception)  # a program's `except Exception` passes it on
-    assert session_lib.BaseSession.__init__ is not None
-    with tf.compat.v1.Session(graph=graph) as after:  # restored
-        assert after.run(two) == 2
+
+
+def test_boundary_is_removed_on_exit_also_when_reached():
+    graph = tf.Graph()
+    with (
+        pytest.raises(device_boundary.DeviceBoundaryReached),
+        device_boundary.stop_at_device_boundary(),
+    ):
+        tf.compat.v1.Session("grpc://127.0.0.1:8470", graph=graph)
+
+    assert patched_tensorflow_attributes() == []
+    # Created lazily: nothing connects, but the boundary no longer stops it.
+    tf.compat.v1.Session("grpc://127.0.0.1:8470", graph=graph).close()
+
+
+def test_boundary_leaves_sessions_of_other_threads_alone():
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.tpu.initialize_system()
+
+    def open_and_close(target):
+        tf.compat.v1.Session(target, graph=graph).close()
+        return "opened"
+
+    with device_boundary.stop_at_device_boundary():
+        # A remote session (created lazily, nothing connects) and a local one
+        # on a graph with TPU ops: both would stop this thread.
+        assert on_other_thread(lambda: open_and_close("grpc://127.0.0.1:8470")) == "opened"
+        assert on_other_thread(lambda: open_and_close("")) == "opened"
+        with pytest.raises(device_boundary.DeviceBoundaryReached):
+            open_and_close("grpc://127.0.0.1:8470")
+
+
+def test_boundary_for_all_threads_stops_sessions_of_every_thread():
+    """The dry run's boundary: the program may train on a thread of its own."""
+    graph = tf.Graph()
+    with (
+        device_boundary.stop_at_device_boundary(all_threads=True) as boundary,
+        pytest.raises(device_boundary.DeviceBoundaryReached) as reached,
+    ):
+        on_other_thread(lambda: tf.compat.v1.Session("grpc://127.0.0.1:8470", graph=graph))
+
+    assert reached.value.boundary is boundary
+    assert patched_tensorflow_attributes() == []
 
 
 def test_boundary_stops_a_local_session_on_a_graph_with_tpu_ops():
@@ -101,8 +169,8 @@ def test_boundary_stops_a_local_session_on_a_graph_with_tpu_ops():
     with graph.as_default():
         tf.compat.v1.tpu.initialize_system()  # what a directly attached TPU (master "") runs first
     with (
-        _device_boundary.stop_at_device_boundary(),
-        pytest.raises(_device_boundary.DeviceBoundaryReached) as reached,
+        device_boundary.stop_at_device_boundary(),
+        pytest.raises(device_boundary.DeviceBoundaryReached) as reached,
     ):
         tf.compat.v1.Session(graph=graph)
     assert reached.value.graph is graph
@@ -151,6 +219,37 @@ def test_a_program_that_never_reaches_a_tpu_session_fails_with_a_message(capsys)
     assert "never reached the TPU device boundary" in err
 
 
+_THREADED_PROGRAM = """\
+import threading
+import tensorflow as tf
+from tensorflow.python.tpu import tpu_system_metadata
+
+def on_its_own_thread():
+    metadata = tpu_system_metadata._query_tpu_system_metadata("grpc://127.0.0.1:8470")
+    print("thread sees", metadata.num_cores, "TPU cores")
+    try:
+        tf.compat.v1.Session("grpc://127.0.0.1:8470", graph=tf.Graph())
+    except BaseException as stopped:
+        print("thread stopped by", type(stopped).__name__)
+
+thread = threading.Thread(target=on_its_own_thread)
+thread.start()
+thread.join()
+"""
+
+
+def test_the_dry_run_acts_for_every_thread_of_the_program(tmp_path, capsys):
+    script = tmp_path / "threaded.py"
+    script.write_text(_THREADED_PROGRAM)
+
+    dry_run.main(["--num_hosts", "2", "--cores_per_host", "4", str(script)])
+
+    out = capsys.readouterr().out
+    assert "thread sees 8 TPU cores" in out
+    assert "thread stopped by DeviceBoundaryReached" in out
+    assert patched_tensorflow_attributes() == []
+
+
 def test_a_program_exit_code_is_kept(tmp_path, capsys):
     script = tmp_path / "exits.py"
     script.write_text("import sys\nsys.exit(7)\n")
@@ -177,18 +276,31 @@ def test_help_documents_usage_boundary_and_exit_codes(capsys):
         assert expected in text
 
 
-@pytest.mark.parametrize(
-    "argv, expected",
-    [
-        (["-m", "pkg.mod", "--num_hosts", "9"], ([], "pkg.mod", None, ["--num_hosts", "9"])),
-        (
-            ["--num_hosts", "2", "--cores_per_host=4", "s.py", "-m", "x"],
-            (["--num_hosts", "2", "--cores_per_host=4"], None, "s.py", ["-m", "x"]),
-        ),
-    ],
-)
-def test_everything_after_the_program_belongs_to_the_program(argv, expected):
-    assert dry_run._split_argv(argv) == expected
+_PRINT_ARGV = "import sys\nprint('program argv:', sys.argv[1:])\n"
+
+
+def test_everything_after_a_script_belongs_to_the_program(tmp_path, capsys):
+    script = tmp_path / "print_argv.py"
+    script.write_text(_PRINT_ARGV)
+
+    code = dry_run.main(["--num_hosts", "2", "--cores_per_host=4", str(script), "-m", "x"])
+
+    out, err = capsys.readouterr()
+    assert code == dry_run.EXIT_NO_TPU_SESSION  # it prints and ends
+    assert "program argv: ['-m', 'x']" in out
+    assert "(2 host(s) x 4 core(s) simulated)" in err  # the options before it were the dry run's
+
+
+def test_everything_after_a_module_belongs_to_the_program(tmp_path, capsys, monkeypatch):
+    (tmp_path / "print_argv_module.py").write_text(_PRINT_ARGV)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    code = dry_run.main(["-m", "print_argv_module", "--num_hosts", "9"])
+
+    out, err = capsys.readouterr()
+    assert code == dry_run.EXIT_NO_TPU_SESSION
+    assert "program argv: ['--num_hosts', '9']" in out
+    assert "(1 host(s) x 8 core(s) simulated)" in err  # the defaults: 9 was the program's
 
 
 @pytest.mark.parametrize("argv", [[], ["--num_hosts", "0", TINY], ["no_such_script.py"]])
@@ -302,9 +414,7 @@ _CLI_RUNS = {
     "embedding_2x4": (2, 4, _EMBEDDING),
     "runner_1_host": (1, 4, [RUNNER]),
     "runner_2_hosts": (2, 4, [RUNNER]),
-    "no_steps": (1, 8, [TINY, "--omit_steps"]),
     "batch_12_on_8": (1, 8, [TINY, "--batch_size", "12"]),
-    "no_tpu": (1, 8, [NO_TPU]),
     "readme_snippet": (1, 8, ["README_SNIPPET"]),
 }
 
@@ -357,8 +467,7 @@ def _run_cli(name, tmp_dir):
     model_dir = os.path.join(tmp_dir, name)
     argv = [sys.executable, "-m", "monolith.core.simulated_tpu"]
     argv += ["--num_hosts", str(num_hosts), "--cores_per_host", str(cores), *program]
-    if program[-1] != NO_TPU:
-        argv += ["--model_dir", model_dir]
+    argv += ["--model_dir", model_dir]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240)
 
@@ -421,23 +530,10 @@ def test_cli_original_runner_configuration_reaches_the_boundary(cli, name, hosts
     assert fields["TPU embedding"] == "yes (2 table(s), 2 feature(s))"
 
 
-def test_cli_program_without_steps_fails_with_tensorflows_error(cli):
-    run = cli["no_steps"]
-    assert run.returncode == 1
-    assert NO_STEPS_ERROR in run.stderr
-    assert dry_run.BOUNDARY_LINE not in run.stdout
-
-
 def test_cli_batch_size_not_divisible_by_replicas_fails_with_tpuestimators_error(cli):
     run = cli["batch_12_on_8"]
     assert run.returncode == 1
     assert "ValueError: train batch size 12 must be divisible by number of replicas 8" in run.stderr
-
-
-def test_cli_program_that_never_touches_a_tpu_exits_non_zero(cli):
-    run = cli["no_tpu"]
-    assert run.returncode == dry_run.EXIT_NO_TPU_SESSION
-    assert "never reached the TPU device boundary" in run.stderr
 
 
 def test_cli_readme_tpuestimator_snippet_reaches_the_boundary(cli):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
+import threading
 import types
 
 import pytest
 import tensorflow as tf
 from tensorflow.python.tpu import device_assignment as device_assignment_lib
 from tensorflow.python.tpu import tpu_system_metadata
-from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator import run_config as run_config_lib
 from tensorflow_estimator.python.estimator.tpu import tpu_context, tpu_estimator
 
@@ -17,7 +18,12 @@ from monolith.core import simulated_tpu
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
-from tests.core._simulated_tpu_helpers import simulated_run_config, topology
+from tests.core._simulated_tpu_helpers import (
+    on_other_thread,
+    patched_tensorflow_attributes,
+    simulated_run_config,
+    topology,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,14 +49,30 @@ def _model_fn(features, labels, mode, params):
     return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
 
 
-def _train_context_facts(estimator, num_hosts, cores_per_host):
-    """What TPUEstimator's TRAIN context derives from the TPU system metadata."""
-    with estimator._ctx.with_mode(model_fn_lib.ModeKeys.TRAIN) as ctx:
-        return (
-            (ctx.num_hosts, ctx.num_replicas, ctx.num_of_replicas_per_host),
-            ctx.tpu_host_placement_function(host_id=num_hosts - 1),
-            ctx.tpu_device_placement_function(num_hosts * cores_per_host - 1),
-        )
+class _LastHostInputFnCalled(Exception):
+    """Stops `TPUEstimator.train` in the last host's input_fn, before the model is built."""
+
+
+def _input_fn_contexts(estimator):
+    """What the `TPUContext` in `params["context"]` tells each host's input_fn.
+
+    (num_hosts, num_replicas, current_input_fn_deployment(), the last replica's
+    device) per input_fn call; `train` is stopped in the last host's call.
+    """
+    seen = []
+
+    def input_fn(params):
+        context = params["context"]
+        deployment = context.current_input_fn_deployment()
+        last_replica = context.device_for_replica(context.num_replicas - 1)
+        seen.append((context.num_hosts, context.num_replicas, deployment, last_replica))
+        if deployment[1] == deployment[2] - 1:  # invocation index, invocations
+            raise _LastHostInputFnCalled()
+        return _input_fn(params)
+
+    with pytest.raises(_LastHostInputFnCalled):
+        estimator.train(input_fn, max_steps=1)
+    return seen
 
 
 def _device_names(metadata):
@@ -121,10 +143,9 @@ def test_metadata_topology_supports_model_parallel_device_assignment(num_hosts, 
 def test_bad_arguments_are_rejected_naming_the_argument(kwargs, error, argument):
     with pytest.raises(error, match=argument):
         simulated_tpu.simulated_tpu_metadata(**kwargs)
-    original = tpu_system_metadata._query_tpu_system_metadata
     with pytest.raises(error, match=argument), simulated_tpu.simulated_tpu_system(**kwargs):
         pass
-    assert tpu_system_metadata._query_tpu_system_metadata is original
+    assert patched_tensorflow_attributes() == []
 
 
 @topology
@@ -172,26 +193,22 @@ def test_system_does_not_load_lazily_loaded_modules(monkeypatch):
 
 
 def test_system_patch_is_undone_on_exit_and_on_error():
-    original = tpu_system_metadata._query_tpu_system_metadata
-
-    with simulated_tpu.simulated_tpu_system():
-        assert tpu_system_metadata._query_tpu_system_metadata is not original
-    assert tpu_system_metadata._query_tpu_system_metadata is original
+    with simulated_tpu.simulated_tpu_system() as metadata:
+        assert tpu_system_metadata._query_tpu_system_metadata("grpc://x:1") is metadata
+    assert patched_tensorflow_attributes() == []
 
     with pytest.raises(KeyError, match="boom"), simulated_tpu.simulated_tpu_system():
         raise KeyError("boom")
-    assert tpu_system_metadata._query_tpu_system_metadata is original
+    assert patched_tensorflow_attributes() == []
 
 
 def test_nested_systems_answer_innermost_and_restore_in_order():
-    original = tpu_system_metadata._query_tpu_system_metadata
-
     with simulated_tpu.simulated_tpu_system(1, 8) as outer:
         with simulated_tpu.simulated_tpu_system(2, 4) as inner:
             assert tpu_system_metadata._query_tpu_system_metadata("grpc://x:1") is inner
         assert tpu_system_metadata._query_tpu_system_metadata("grpc://x:1") is outer
 
-    assert tpu_system_metadata._query_tpu_system_metadata is original
+    assert patched_tensorflow_attributes() == []
 
 
 @topology
@@ -206,11 +223,78 @@ def test_tpuestimator_context_sees_the_simulated_hosts_and_cores(
     )
 
     with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
-        seen, last_host, last_core = _train_context_facts(estimator, num_hosts, cores_per_host)
+        seen = _input_fn_contexts(estimator)
 
-    assert seen == (num_hosts, num_hosts * cores_per_host, cores_per_host)
-    assert last_host == f"/job:worker/task:{num_hosts - 1}/device:CPU:0"
-    assert last_core == f"/job:worker/task:{num_hosts - 1}/device:TPU:{cores_per_host - 1}"
+    num_replicas = num_hosts * cores_per_host
+    last_host = f"/job:worker/task:{num_hosts - 1}/device:CPU:0"
+    # One input_fn call per host (PER_HOST_V2), placed on that host's CPU.
+    assert seen == [
+        (
+            num_hosts,
+            num_replicas,
+            (f"/job:worker/task:{host}/device:CPU:0", host, num_hosts, cores_per_host),
+            (last_host, cores_per_host - 1),
+        )
+        for host in range(num_hosts)
+    ]
+
+
+def test_system_answers_only_the_thread_that_entered_it():
+    def query():
+        return tpu_system_metadata._query_tpu_system_metadata("")
+
+    with simulated_tpu.simulated_tpu_system(2, 4) as metadata:
+        here = query()
+        elsewhere = on_other_thread(query)
+
+    assert here is metadata
+    # TensorFlow's own answer for the local master: this CPU has no TPU core.
+    assert elsewhere.num_cores == 0
+
+
+def test_system_for_all_threads_answers_every_thread():
+    def query():
+        return tpu_system_metadata._query_tpu_system_metadata("")
+
+    with simulated_tpu.simulated_tpu_system(1, 2, all_threads=True) as metadata:
+        assert on_other_thread(query) is metadata
+        with simulated_tpu.simulated_tpu_system(2, 4) as own:
+            assert query() is own  # a thread's own simulation comes first
+            assert on_other_thread(query) is metadata
+
+    assert patched_tensorflow_attributes() == []
+
+
+def test_two_threads_build_graphs_for_their_own_systems_at_once(tmp_path):
+    both_building = threading.Barrier(2, timeout=60)
+
+    def model_fn(features, labels, mode, params):
+        both_building.wait()  # each thread is inside its simulation and its build
+        return _model_fn(features, labels, mode, params)
+
+    def build(num_hosts, cores_per_host):
+        with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
+            return simulated_tpu.build_tpu_training_graph(
+                model_fn,
+                _input_fn,
+                config=simulated_run_config(tmp_path / f"{num_hosts}x{cores_per_host}"),
+                train_batch_size=_PER_REPLICA_BATCH * num_hosts * cores_per_host,
+            )
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        one_host = pool.submit(build, 1, 2)
+        two_hosts = pool.submit(build, 2, 2)
+        built = {2: one_host.result(timeout=120), 4: two_hosts.result(timeout=120)}
+
+    for num_replicas, graph in built.items():
+        assert isinstance(graph.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
+        assert graph.ctx.num_replicas == num_replicas
+        (metadata_op,) = [
+            op for op in graph.graph.get_operations() if op.type == "TPUReplicateMetadata"
+        ]
+        assert metadata_op.get_attr("num_replicas") == num_replicas
+    assert built[2].ctx.num_hosts == 1 and built[4].ctx.num_hosts == 2
+    assert patched_tensorflow_attributes() == []
 
 
 def test_build_with_model_parallelism_uses_the_simulated_topology(tmp_path):
@@ -295,17 +379,14 @@ def test_build_surfaces_a_model_fn_error_unchanged(tmp_path):
     def broken_model_fn(features, labels, mode, params):
         raise ValueError("model_fn refuses to build")
 
-    original = tpu_system_metadata._query_tpu_system_metadata
     with simulated_tpu.simulated_tpu_system(1, 2), pytest.raises(ValueError, match="refuses"):
         simulated_tpu.build_tpu_training_graph(
             broken_model_fn, _input_fn, config=simulated_run_config(tmp_path), train_batch_size=4
         )
-    assert tpu_system_metadata._query_tpu_system_metadata is original
+    assert patched_tensorflow_attributes() == []  # restored on the error path too
 
 
 def test_build_leaves_sessions_and_the_feed_hook_setting_as_they_were(tmp_path):
-    session_init = tf.compat.v1.Session.__mro__[1].__init__
-    feed_hook_property = tpu_context._InternalTPUContext.__dict__["feed_hook"]
     config = simulated_run_config(tmp_path)
 
     with simulated_tpu.simulated_tpu_system(1, 2):
@@ -313,8 +394,7 @@ def test_build_leaves_sessions_and_the_feed_hook_setting_as_they_were(tmp_path):
             _model_fn, _input_fn, config=config, train_batch_size=4
         )
 
-    assert tf.compat.v1.Session.__mro__[1].__init__ is session_init
-    assert tpu_context._InternalTPUContext.__dict__["feed_hook"] is feed_hook_property
+    assert patched_tensorflow_attributes() == []
     # The user's config is not rewritten: the recording hook class is handed
     # to TPUEstimator only while it builds.
     assert config.tpu_config.experimental_feed_hook is (
@@ -323,3 +403,5 @@ def test_build_leaves_sessions_and_the_feed_hook_setting_as_they_were(tmp_path):
     assert type(built.feed_hook) is not TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook
     with tf.compat.v1.Session(graph=tf.Graph()):  # local sessions were never blocked
         pass
+    # Nor is a session against the TPU master any more (created lazily: nothing connects).
+    tf.compat.v1.Session(simulated_tpu.SIMULATED_MASTER, graph=tf.Graph()).close()

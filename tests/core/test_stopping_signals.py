@@ -7,7 +7,9 @@ import pytest
 import tensorflow as tf
 
 from monolith.core import stopping_signals
-from monolith.core.auto_checkpoint_feed_hook import _USER_PROVIDED_SIGNAL_NAME
+from monolith.core.auto_checkpoint_feed_hook import (
+    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook as Hook,
+)
 from monolith.core.stopping_signals import (
     USER_PROVIDED_SIGNAL_NAME,
     append_stopping_signals,
@@ -79,8 +81,17 @@ def _sparse_features(num_batches):
 # -- the signal ------------------------------------------------------------------------------------
 
 
-def test_signal_name_is_the_feed_hooks_feature_name():
-    assert USER_PROVIDED_SIGNAL_NAME == _USER_PROVIDED_SIGNAL_NAME == "_user_provided_signal_name"
+def test_signal_is_the_feature_the_feed_hook_reads():
+    assert USER_PROVIDED_SIGNAL_NAME == "_user_provided_signal_name"  # the original's name
+    with tf.Graph().as_default():
+        dataset = append_stopping_signals(_dense_features(1))
+        features = tf.compat.v1.data.make_one_shot_iterator(dataset).get_next()
+        signals, name = Hook.get_stopping_signals_and_name(features)
+        with tf.compat.v1.Session() as sess:
+            real, padding = sess.run(signals["stopping"]), sess.run(signals["stopping"])
+    assert name == USER_PROVIDED_SIGNAL_NAME
+    np.testing.assert_array_equal(real, [False] * BATCH)
+    np.testing.assert_array_equal(padding, [True] * BATCH)
 
 
 @pytest.mark.parametrize("iterator", ITERATORS)

@@ -18,6 +18,7 @@ from monolith.core import preemption, simulated_tpu, testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from monolith.core.simulated_tpu import device_boundary
 from monolith.examples import ctr_model, train_ctr
 
 pytestmark = pytest.mark.timeout(180)
@@ -323,21 +324,19 @@ def test_tpu_needs_a_model_dir(capsys):
 
 @pytest.mark.parametrize("num_hosts, cores_per_host", [(1, 8), (2, 4)])
 def test_tpu_path_builds_the_tpu_graph_with_our_hook(tmp_path, num_hosts, cores_per_host):
-    args = train_ctr.parse_args([*SMALL, "--model_dir", str(tmp_path), "--tpu", "sim"])
-    config = train_ctr.tpu_run_config(args, master=simulated_tpu.SIMULATED_MASTER)
-    config = config.replace(tpu_config=config.tpu_config._replace(tpu_job_name="worker"))
-    with simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host):
-        built = simulated_tpu.build_tpu_training_graph(
-            ctr_model.model_fn,
-            ctr_model.input_fn,
-            config=config,
-            train_batch_size=args.batch_size,
-            params=train_ctr._params(args, on_tpu=True),
-        )
-    assert isinstance(built.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
-    op_types = built.op_types()
+    """`train_on_tpu` itself, resolver included, up to the feed hook's `begin()`."""
+    args = train_ctr.parse_args([*SMALL, "--model_dir", str(tmp_path), "--tpu", "my-tpu"])
+    with (
+        simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host),
+        simulated_tpu.simulated_cluster_resolver(num_hosts, cores_per_host),
+    ):
+        record = device_boundary.run_until_feed_hook_begins(lambda: train_ctr.train_on_tpu(args))
+    assert isinstance(record.hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
+    assert record.args[0].num_replicas == num_hosts * cores_per_host
+    assert record.kwargs["master"] == simulated_tpu.SIMULATED_MASTER
+    op_types = simulated_tpu.graph_op_types(record.graph)
     assert {"CrossReplicaSum", "OutfeedEnqueueTuple", "OutfeedDequeueTuple"} <= op_types
-    names = [op.name for op in built.graph.get_operations()]
+    names = [op.name for op in record.graph.get_operations()]
     assert any("host_call" in name or "auc" in name for name in names)
 
 

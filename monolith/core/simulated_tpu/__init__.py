@@ -8,9 +8,13 @@ Modules:
 * `resolver`: makes `TPUClusterResolver(tpu=<any name>)` resolve to the
   simulated hosts without GCP;
 * `device_boundary`: stops a program at its first session against the TPU
-  master, recording the feed hooks and host calls TPUEstimator built;
+  master (or right after the feed hook's `begin()`), recording the feed hooks
+  and host calls TPUEstimator built;
 * `dry_run`: the command line (`python -m monolith.core.simulated_tpu`,
   see `__main__`), which runs an unchanged program under all three.
+
+The first three act for the thread that uses them (the dry run: for every
+thread of its process); see `common.scoped_patch`.
 
 The public names are importable from this package, as they were from the
 former `monolith.core.simulated_tpu` module.

@@ -10,9 +10,20 @@ attached TPU, master ""), raise `DeviceBoundaryReached`, and records the
 infeed/outfeed feed hook TPUEstimator constructs (by handing TPUEstimator a
 recording subclass of the configured hook class), so the graph and the hook
 can be inspected afterwards. Other local sessions run as usual.
+`run_until_feed_hook_begins` stops earlier, right after the feed hook's
+`begin()`, and returns what it recorded (`build_tpu_training_graph`).
 
 `DeviceBoundaryReached` derives from `BaseException`, like `SystemExit`, so a
 program's `except Exception:` does not swallow it.
+
+TensorFlow has no hook for any of this, so three of its attributes are
+replaced: `BaseSession.__init__`, the `_InternalTPUContext.feed_hook` property
+and `_OutfeedHostCall.record`. Each is a `common.scoped_patch.ScopedPatch`:
+the replacement acts only for the thread that entered the boundary (or, with
+`all_threads=True`, for every thread: the dry run, which owns its process);
+other threads create sessions and build graphs as usual. Concurrent and nested
+boundaries each record their own feed hooks (the innermost one of a thread
+acts), and the originals are back once the last boundary exits, on any path.
 """
 
 from __future__ import annotations
@@ -20,13 +31,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import tensorflow as tf
 from absl import logging
 from tensorflow.python.client import session as _session_lib
 from tensorflow_estimator.python.estimator.tpu import tpu_context as _tpu_context
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
+
+from monolith.core.common.scoped_patch import ScopedPatch
+
+__all__ = [
+    "Boundary",
+    "DeviceBoundaryReached",
+    "FeedHookRecord",
+    "run_until_feed_hook_begins",
+    "stop_at_device_boundary",
+]
 
 
 @dataclasses.dataclass
@@ -102,25 +123,27 @@ def _has_tpu_ops(graph: tf.Graph) -> bool:
 
 
 class _StopAfterFeedHookBegin(BaseException):
-    """Raised after the feed hook's `begin()` when asked to stop there."""
+    """Raised after the feed hook's `begin()`; `run_until_feed_hook_begins` catches it."""
+
+    def __init__(self, boundary: Boundary):
+        super().__init__("stopped after the feed hook's begin()")
+        self.boundary = boundary
 
 
-def _recording_hook_class(
-    base: type, records: List[FeedHookRecord], stop_after_begin: bool
-) -> type:
-    """A subclass of `base` that records its construction (and `begin()`)."""
+def _recording_hook_class(base: type, boundary: Boundary, stop_after_begin: bool) -> type:
+    """A subclass of `base` that records its construction (and `begin()`) in `boundary`."""
 
     class _RecordingHook(base):
         def __init__(self, *args: Any, **kwargs: Any):
             self._dry_run_record = FeedHookRecord(self, base, args, dict(kwargs))
-            records.append(self._dry_run_record)
+            boundary.feed_hooks.append(self._dry_run_record)
             super().__init__(*args, **kwargs)
 
         def begin(self) -> None:
             super().begin()
             self._dry_run_record.graph = tf.compat.v1.get_default_graph()
             if stop_after_begin:
-                raise _StopAfterFeedHookBegin()
+                raise _StopAfterFeedHookBegin(boundary)
 
     if not hasattr(base, "get_stopping_signals_and_name"):
         # TPUEstimator calls this on any configured feed hook; (None, None) is
@@ -160,37 +183,30 @@ class Boundary:
         )
 
 
+# The three TensorFlow attributes a boundary replaces (see the module docstring).
+_SESSION_INIT = ScopedPatch(_session_lib.BaseSession, "__init__")
+_FEED_HOOK = ScopedPatch(_tpu_context._InternalTPUContext, "feed_hook")
+_RECORD_HOST_CALLS = ScopedPatch(_tpu_estimator._OutfeedHostCall, "record")
+
+
 @contextlib.contextmanager
-def stop_at_device_boundary(*, stop_after_feed_hook_begin: bool = False) -> Iterator[Boundary]:
-    """Stops any session against a remote (TPU) master and records feed hooks.
-
-    Args:
-      stop_after_feed_hook_begin: Stop earlier, right after the feed hook's
-        `begin()` (raises the private `_StopAfterFeedHookBegin`; for
-        `build_tpu_training_graph`, which catches it).
-
-    Yields:
-      A `Boundary` collecting the feed hooks TPUEstimator constructs.
-
-    Raises (from the block):
-      DeviceBoundaryReached: a session with a non-local target was being created.
-    """
-    boundary = Boundary()
-    feed_hook_property = _tpu_context._InternalTPUContext.feed_hook
-    session_init = _session_lib.BaseSession.__init__
-    record_host_calls = _tpu_estimator._OutfeedHostCall.record
-    recording_classes: dict = {}
+def _active_boundary(
+    boundary: Boundary, *, stop_after_feed_hook_begin: bool, all_threads: bool
+) -> Iterator[Boundary]:
+    """Makes `boundary` the device boundary of this thread (or of all threads) in the block."""
+    recording_classes: Dict[type, type] = {}
 
     def feed_hook(ctx: Any) -> type:
-        base = feed_hook_property.fget(ctx) or _tpu_estimator.TPUInfeedOutfeedSessionHook
+        # Runs on the thread that builds the graph (in TPUEstimator's model_fn wrapper).
+        base = _FEED_HOOK.original().fget(ctx) or _tpu_estimator.TPUInfeedOutfeedSessionHook
         if base not in recording_classes:
             recording_classes[base] = _recording_hook_class(
-                base, boundary.feed_hooks, stop_after_feed_hook_begin
+                base, boundary, stop_after_feed_hook_begin
             )
         return recording_classes[base]
 
     def guarded_session_init(
-        self: Any, target: Any = "", graph: Any = None, config: Any = None
+        session: Any, target: Any = "", graph: Any = None, config: Any = None
     ) -> None:
         session_graph = tf.compat.v1.get_default_graph() if graph is None else graph
         if target or _has_tpu_ops(session_graph):
@@ -199,23 +215,75 @@ def stop_at_device_boundary(*, stop_after_feed_hook_begin: bool = False) -> Iter
                 if target
                 else "a local session (master '') on a graph with TPU ops"
             )
-            graph = session_graph
             logging.info("Dry run stopped at the TPU device boundary: %s.", where)
             # What BaseSession.__del__ reads of a session that never opened.
-            self._session = None
-            raise DeviceBoundaryReached(where, graph, boundary)
-        session_init(self, target, graph, config)
+            session._session = None
+            raise DeviceBoundaryReached(where, session_graph, boundary)
+        _SESSION_INIT.original()(session, target, graph, config)
 
-    def record(self: Any, host_calls: Mapping[str, Any]) -> Any:
+    def record(outfeed_host_call: Any, host_calls: Mapping[str, Any]) -> Any:
         boundary.host_calls.update((name, call[0]) for name, call in host_calls.items())
-        return record_host_calls(self, host_calls)
+        return _RECORD_HOST_CALLS.original()(outfeed_host_call, host_calls)
 
-    _tpu_context._InternalTPUContext.feed_hook = property(feed_hook)
-    _session_lib.BaseSession.__init__ = guarded_session_init
-    _tpu_estimator._OutfeedHostCall.record = record
-    try:
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(_FEED_HOOK.scope(feed_hook, all_threads=all_threads))
+        patches.enter_context(_SESSION_INIT.scope(guarded_session_init, all_threads=all_threads))
+        patches.enter_context(_RECORD_HOST_CALLS.scope(record, all_threads=all_threads))
         yield boundary
-    finally:
-        _tpu_estimator._OutfeedHostCall.record = record_host_calls
-        _session_lib.BaseSession.__init__ = session_init
-        _tpu_context._InternalTPUContext.feed_hook = feed_hook_property
+
+
+@contextlib.contextmanager
+def stop_at_device_boundary(*, all_threads: bool = False) -> Iterator[Boundary]:
+    """Stops any session against a remote (TPU) master and records feed hooks.
+
+    Acts for the calling thread only: sessions created and graphs built on other
+    threads meanwhile are left alone. Nested boundaries of one thread: the
+    innermost acts.
+
+    Args:
+      all_threads: Act for every thread of the process that has no boundary of
+        its own (the dry run, which owns its process: a program may build and
+        train on any of its threads).
+
+    Yields:
+      A `Boundary` collecting the feed hooks TPUEstimator constructs.
+
+    Raises (from the block):
+      DeviceBoundaryReached: a session with a non-local target, or a local one
+        on a graph with TPU ops, was being created.
+    """
+    with _active_boundary(
+        Boundary(), stop_after_feed_hook_begin=False, all_threads=all_threads
+    ) as boundary:
+        yield boundary
+
+
+def run_until_feed_hook_begins(train: Callable[[], Any]) -> Optional[FeedHookRecord]:
+    """Runs `train()` at the device boundary until the feed hook's `begin()` has returned.
+
+    On the calling thread, as `stop_at_device_boundary`: TPUEstimator is handed
+    a recording subclass of its feed hook class, and `train()` is stopped right
+    after that hook's real `begin()`, before any session exists.
+
+    Args:
+      train: Builds and runs the program (e.g. `lambda: estimator.train(...)`).
+
+    Returns:
+      The `FeedHookRecord` of the hook whose `begin()` ran (its `graph` is the
+      complete training graph), or None if `train()` returned without beginning
+      a feed hook (e.g. training was already done).
+
+    Raises:
+      DeviceBoundaryReached: `train()` created a session against a TPU master
+        before any feed hook began.
+      Whatever `train()` raises.
+    """
+    boundary = Boundary()
+    with _active_boundary(boundary, stop_after_feed_hook_begin=True, all_threads=False):
+        try:
+            train()
+        except _StopAfterFeedHookBegin as stop:
+            if stop.boundary is not boundary:
+                raise
+            return boundary.feed_hooks[-1]
+    return None

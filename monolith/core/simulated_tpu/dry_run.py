@@ -22,6 +22,8 @@ call) only runs there. The dry run runs the program itself, in this process
   directly attached TPU), which is where MonitoredSession, or the feed hook's
   TPU initialisation, would first need the device.
 
+All of this holds for every thread of the program (the dry run owns the process).
+
 Outcomes (exit codes):
 
 - 0: the boundary was reached. A report says what was built; its last line
@@ -270,10 +272,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     num_hosts, cores_per_host = options.num_hosts, options.cores_per_host
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     try:
+        # For every thread: the dry run owns its process, and the program may
+        # build and train on any of its threads.
         with (
-            simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host),
-            simulated_tpu.simulated_cluster_resolver(num_hosts, cores_per_host),
-            _device_boundary.stop_at_device_boundary(),
+            simulated_tpu.simulated_tpu_system(num_hosts, cores_per_host, all_threads=True),
+            simulated_tpu.simulated_cluster_resolver(num_hosts, cores_per_host, all_threads=True),
+            _device_boundary.stop_at_device_boundary(all_threads=True),
         ):
             _run_program(module, script, program_args)
     except _device_boundary.DeviceBoundaryReached as reached:

@@ -11,18 +11,27 @@ simulated master, `resolver.cluster_spec()` lists one `worker` task per host
 `RunConfig(cluster=resolver)` gives TPUEstimator the matching `cluster_def`.
 `num_accelerators()` answers `{"TPU": cores_per_host}` instead of connecting to
 the master.
+
+Two attributes of TensorFlow are replaced while a simulation is active (each a
+`common.scoped_patch.ScopedPatch`, reference-counted, restored on every exit):
+the `Client` factory of the resolver's client module, for the thread that
+entered `simulated_cluster_resolver` only (other threads construct TensorFlow's
+own resolvers meanwhile), and `TPUClusterResolver.num_accelerators`, for every
+thread but only for resolvers holding a simulated client: such a resolver
+answers the same on any thread it is handed to, and no other resolver changes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Any, Dict, Iterator, List
 
 from absl import logging
 from tensorflow.python.distribute.cluster_resolver.tpu import (
     tpu_cluster_resolver as _resolver_lib,
 )
+
+from monolith.core.common.scoped_patch import ScopedPatch
 
 #: Host `h` of the simulated system listens on 127.0.0.<h + 1>:8470 (loopback
 #: addresses: nothing listens, nothing connects while graphs are only built).
@@ -37,8 +46,9 @@ def simulated_host_address(host: int) -> str:
 class _SimulatedCloudTpuClient:
     """Stands in for `cloud_tpu_client.Client`: the API answers, not GCP."""
 
-    def __init__(self, num_hosts: int, tpu: Any = None, **unused_kwargs: Any):
+    def __init__(self, num_hosts: int, cores_per_host: int, tpu: Any = None, **unused_kwargs: Any):
         self._num_hosts = num_hosts
+        self.cores_per_host = cores_per_host
         self._tpu = tpu
 
     def name(self) -> str:
@@ -73,37 +83,49 @@ class _SimulatedCloudTpuClient:
         pass
 
 
+# `client` is the Cloud TPU client module the resolver module imported
+# (`cloud_tpu_client.client`, or TensorFlow's copy of it).
+_CLIENT = ScopedPatch(_resolver_lib.client, "Client")
+_NUM_ACCELERATORS = ScopedPatch(_resolver_lib.TPUClusterResolver, "num_accelerators")
+
+
+def _num_accelerators(resolver: Any, *args: Any, **kwargs: Any) -> Dict[str, int]:
+    """`num_accelerators()` without connecting to the master, for a simulated resolver."""
+    client = getattr(resolver, "_cloud_tpu_client", None)
+    if isinstance(client, _SimulatedCloudTpuClient):
+        return {"TPU": client.cores_per_host}
+    return _NUM_ACCELERATORS.original()(resolver, *args, **kwargs)
+
+
 @contextlib.contextmanager
-def simulated_cluster_resolver(num_hosts: int, cores_per_host: int) -> Iterator[None]:
+def simulated_cluster_resolver(
+    num_hosts: int, cores_per_host: int, *, all_threads: bool = False
+) -> Iterator[None]:
     """Makes `TPUClusterResolver` resolve any TPU name to a simulated system.
 
-    Affects resolvers constructed inside the block (`tpu="local"` keeps its
-    own meaning). Restored on exit, also on error.
+    Affects resolvers constructed inside the block on this thread (on every
+    thread with `all_threads`); `tpu="local"` keeps its own meaning. Restored
+    on exit, also on error, once no other simulation is active.
 
     Args:
       num_hosts: Hosts of the simulated system (worker tasks), >= 1.
       cores_per_host: TPU cores per host, >= 1 (for `num_accelerators()`).
+      all_threads: Act for every thread without a simulation of its own.
 
     Yields:
       None.
     """
-    module_client = _resolver_lib.client
-    fake_client = types.SimpleNamespace(
-        Client=lambda **kwargs: _SimulatedCloudTpuClient(num_hosts, **kwargs)
-    )
-    resolver_class = _resolver_lib.TPUClusterResolver
-    original_num_accelerators = resolver_class.num_accelerators
 
-    def num_accelerators(self: Any, *args: Any, **kwargs: Any) -> Dict[str, int]:
-        if isinstance(getattr(self, "_cloud_tpu_client", None), _SimulatedCloudTpuClient):
-            return {"TPU": cores_per_host}
-        return original_num_accelerators(self, *args, **kwargs)
+    def client(**kwargs: Any) -> _SimulatedCloudTpuClient:
+        return _SimulatedCloudTpuClient(num_hosts, cores_per_host, **kwargs)
 
-    _resolver_lib.client = fake_client
-    resolver_class.num_accelerators = num_accelerators
-    logging.info("TPUClusterResolver resolves to a simulated system of %d host(s).", num_hosts)
-    try:
+    with (
+        _CLIENT.scope(client, all_threads=all_threads),
+        _NUM_ACCELERATORS.scope(_num_accelerators, all_threads=True),
+    ):
+        logging.info(
+            "TPUClusterResolver resolves to a simulated system of %d host(s) for %s.",
+            num_hosts,
+            "every thread" if all_threads else "this thread",
+        )
         yield
-    finally:
-        resolver_class.num_accelerators = original_num_accelerators
-        _resolver_lib.client = module_client

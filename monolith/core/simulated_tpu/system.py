@@ -35,10 +35,15 @@ returned for inspection. Nothing runs on a device.
 
 Both pieces work in TF2 default behaviour and after
 `tf.compat.v1.disable_v2_behavior()` (TPUEstimator always builds a graph).
-`simulated_tpu_system` patches module globals, so it affects every thread of
-the process while it is active: do not use it while another thread talks to a
-real TPU. On a real TPU VM, `build_tpu_training_graph` without the simulation
-builds the graph for the real TPU system (the query then does contact it).
+Both act only for the thread that uses them: TPUEstimator queries the system,
+builds the graph and begins its hooks on the thread that calls `train`, so
+other threads (another graph build with another simulated system, a real TPU
+job) see TensorFlow unchanged meanwhile. The query is a module function that
+TensorFlow offers no hook for, so it is replaced (a
+`common.scoped_patch.ScopedPatch`, thread-scoped and reference-counted) while
+a simulation is active. On a real TPU VM, `build_tpu_training_graph` without
+the simulation builds the graph for the real TPU system (the query then does
+contact it).
 
 To check an unchanged TPUEstimator program instead (its own `RunConfig`,
 `TPUClusterResolver` and `train` call), dry-run it up to the device boundary:
@@ -59,8 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -71,6 +75,7 @@ from tensorflow.python.tpu import tpu_system_metadata as _tpu_system_metadata
 from tensorflow_estimator.python.estimator.tpu import tpu_config
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 
+from monolith.core.common.scoped_patch import ScopedPatch
 from monolith.core.common.validation import positive_int
 from monolith.core.simulated_tpu import device_boundary as _device_boundary
 from monolith.core.simulated_tpu import resolver as _simulated_resolver
@@ -89,7 +94,9 @@ __all__ = [
 #: system. Nothing connects to it while graphs are only built.
 SIMULATED_MASTER = "grpc://" + _simulated_resolver.simulated_host_address(0)
 
-_QUERY_NAME = "_query_tpu_system_metadata"
+# TPUEstimator's context calls `tpu_system_metadata_lib._query_tpu_system_metadata`;
+# other modules may hold their own alias of it (`from ... import`).
+_QUERY = ScopedPatch(_tpu_system_metadata, "_query_tpu_system_metadata", module_aliases=True)
 
 
 def _simulated_topology(num_hosts: int, cores_per_host: int) -> _topology_lib.Topology:
@@ -163,16 +170,17 @@ def simulated_tpu_metadata(
 
 @contextlib.contextmanager
 def simulated_tpu_system(
-    num_hosts: int = 1, cores_per_host: int = 8, job: str = "worker"
+    num_hosts: int = 1, cores_per_host: int = 8, job: str = "worker", *, all_threads: bool = False
 ) -> Iterator[_tpu_system_metadata.TPUSystemMetadata]:
     """Makes TensorFlow see a TPU system of `num_hosts` x `cores_per_host` cores.
 
-    Replaces `tensorflow.python.tpu.tpu_system_metadata._query_tpu_system_metadata`
-    (what TPUEstimator's context calls to discover the TPU system) and every
-    module-level alias of it in already imported modules with a function that
-    returns `simulated_tpu_metadata(...)` for any master, without contacting
-    it. Everything is restored on exit, also on error; nested uses restore in
-    order. Works as a pytest fixture body:
+    Inside the block, `tensorflow.python.tpu.tpu_system_metadata._query_tpu_system_metadata`
+    (what TPUEstimator's context calls to discover the TPU system), and every
+    module-level alias of it, returns `simulated_tpu_metadata(...)` for any
+    master, without contacting it, when called from the thread that entered
+    the block; other threads get TensorFlow's answer. Everything is restored
+    on exit, also on error, once no other simulation is active; nested uses
+    answer with the innermost system. Works as a pytest fixture body:
 
         @pytest.fixture
         def tpu_2x4():
@@ -181,12 +189,14 @@ def simulated_tpu_system(
 
     Only graph construction is simulated: running a TPU op in a session still
     fails (there is no TPU). TPUEstimator caches the metadata per estimator, so
-    build the estimator's graph while the simulation is active.
+    build the estimator's graph while the simulation is active, on this thread.
 
     Args:
       num_hosts: TPU hosts (tasks), >= 1.
       cores_per_host: TPU cores per host, >= 1.
       job: The TPU job name of the simulated devices (see `simulated_tpu_metadata`).
+      all_threads: Answer for every thread without a simulation of its own (the
+        dry run, which owns its process).
 
     Yields:
       The simulated `TPUSystemMetadata`.
@@ -216,29 +226,18 @@ def simulated_tpu_system(
             )
         return topology_metadata
 
-    current = getattr(_tpu_system_metadata, _QUERY_NAME)
-    patched: List[Tuple[Any, Any]] = []
-    # Modules that imported the function by name hold their own reference. Read
-    # module dicts, not getattr: getattr would import lazily loaded modules.
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict) and namespace.get(_QUERY_NAME) is current:
-            patched.append((module, current))
-    try:
-        for module, _ in patched:
-            setattr(module, _QUERY_NAME, query)
+    with _QUERY.scope(query, all_threads=all_threads):
         logging.info(
-            "Simulating a TPU system of %d host(s) x %d core(s) (job %r) in %d module(s).",
+            "Simulating a TPU system of %d host(s) x %d core(s) (job %r) for %s.",
             num_hosts,
             cores_per_host,
             job,
-            len(patched),
+            "every thread" if all_threads else "this thread",
         )
-        yield metadata
-    finally:
-        for module, original in reversed(patched):
-            setattr(module, _QUERY_NAME, original)
-        logging.info("Simulated TPU system removed.")
+        try:
+            yield metadata
+        finally:
+            logging.info("Simulated TPU system removed.")
 
 
 def graph_op_types(graph: tf.Graph) -> set:
@@ -310,16 +309,17 @@ def build_tpu_training_graph(
     """Builds the `TPUEstimator(use_tpu=True)` training graph and stops before any session.
 
     Runs `TPUEstimator(model_fn, config=..., use_tpu=True, ...).train(input_fn, ...)`
-    under the dry run's device-boundary mechanism (`monolith.core.simulated_tpu.dry_run`):
-    TPUEstimator is handed a recording subclass of the configured feed hook
-    class, which here, after the real `begin()`, records the graph and stops
-    training with a private exception that this function catches. So
-    TPUEstimator builds the complete graph (input pipelines, infeed, train
-    step, outfeed, host call, hooks) and runs every hook's `begin()` up to the
-    feed hook's; no session is created and nothing runs (a session against a
-    remote master would stop the build too). Call it inside
-    `simulated_tpu_system` on CPU. The dry run of a whole program goes one
-    step further, to the first session (every hook has begun).
+    on this thread under the dry run's device-boundary mechanism
+    (`device_boundary.run_until_feed_hook_begins`): TPUEstimator is handed a
+    recording subclass of the configured feed hook class, which here, after
+    the real `begin()`, records the graph and stops training. So TPUEstimator
+    builds the complete graph (input pipelines, infeed, train step, outfeed,
+    host call, hooks) and runs every hook's `begin()` up to the feed hook's;
+    no session is created and nothing runs (a session against a remote master
+    would stop the build too, with `DeviceBoundaryReached`). Call it inside
+    `simulated_tpu_system`, on the same thread, on CPU. Other threads may build
+    meanwhile. The dry run of a whole program goes one step further, to the
+    first session (every hook has begun).
 
     Args:
       model_fn: The TPUEstimator model_fn.
@@ -357,43 +357,47 @@ def build_tpu_training_graph(
         train_batch_size=train_batch_size,
         **estimator_kwargs,
     )
-    with _device_boundary.stop_at_device_boundary(stop_after_feed_hook_begin=True) as boundary:
-        try:
-            estimator.train(input_fn, hooks=hooks, max_steps=max_steps)
-        except _device_boundary._StopAfterFeedHookBegin:
-            record = boundary.feed_hooks[-1]
-            logging.info(
-                "TPU training graph built (%d ops); stopped after %s.begin().",
-                len(record.graph.get_operations()),
-                record.hook_class.__name__,
-            )
-            return TPUTrainingGraph(
-                graph=record.graph,
-                feed_hook=record.hook,
-                hook_args=record.args,
-                hook_kwargs=record.kwargs,
-            )
-    raise RuntimeError(
-        f"TPUEstimator.train(max_steps={max_steps}) returned without beginning the feed hook "
-        f"(model_dir={config.model_dir!r} may already hold a checkpoint at max_steps)."
+    record = _device_boundary.run_until_feed_hook_begins(
+        lambda: estimator.train(input_fn, hooks=hooks, max_steps=max_steps)
+    )
+    if record is None:
+        raise RuntimeError(
+            f"TPUEstimator.train(max_steps={max_steps}) returned without beginning the feed "
+            f"hook (model_dir={config.model_dir!r} may already hold a checkpoint at max_steps)."
+        )
+    logging.info(
+        "TPU training graph built (%d ops); stopped after %s.begin().",
+        len(record.graph.get_operations()),
+        record.hook_class.__name__,
+    )
+    return TPUTrainingGraph(
+        graph=record.graph,
+        feed_hook=record.hook,
+        hook_args=record.args,
+        hook_kwargs=record.kwargs,
     )
 
 
-def simulated_cluster_resolver(num_hosts: int = 1, cores_per_host: int = 8) -> Any:
+def simulated_cluster_resolver(
+    num_hosts: int = 1, cores_per_host: int = 8, *, all_threads: bool = False
+) -> Any:
     """Makes `TPUClusterResolver(tpu=<any name>)` resolve to a simulated system, without GCP.
 
-    A context manager. Inside it, a resolver constructed with any TPU name
-    (and any zone and project) contacts neither the Cloud TPU API nor the GCE
-    metadata server: `master()` is `SIMULATED_MASTER`, `cluster_spec()` has
-    one `worker` task per host (`127.0.0.<h + 1>:8470`), `num_accelerators()`
-    is `{"TPU": cores_per_host}`. Use it with `simulated_tpu_system` of the
-    same shape, so TPUEstimator's system query (which the resolver's
-    `cluster_def` is passed to) gets the matching devices. The dry run
-    (`python -m monolith.core.simulated_tpu`) activates both.
+    A context manager. Inside it, a resolver constructed on this thread with
+    any TPU name (and any zone and project) contacts neither the Cloud TPU API
+    nor the GCE metadata server: `master()` is `SIMULATED_MASTER`,
+    `cluster_spec()` has one `worker` task per host (`127.0.0.<h + 1>:8470`),
+    `num_accelerators()` is `{"TPU": cores_per_host}`. Resolvers constructed on
+    other threads meanwhile are TensorFlow's own. Use it with
+    `simulated_tpu_system` of the same shape, so TPUEstimator's system query
+    (which the resolver's `cluster_def` is passed to) gets the matching
+    devices. The dry run (`python -m monolith.core.simulated_tpu`) activates
+    both, for all threads.
 
     Args:
       num_hosts: TPU hosts (worker tasks), >= 1.
       cores_per_host: TPU cores per host, >= 1.
+      all_threads: Act for every thread without a simulation of its own.
 
     Returns:
       A context manager yielding None.
@@ -403,4 +407,6 @@ def simulated_cluster_resolver(num_hosts: int = 1, cores_per_host: int = 8) -> A
     """
     positive_int("num_hosts", num_hosts)
     positive_int("cores_per_host", cores_per_host)
-    return _simulated_resolver.simulated_cluster_resolver(num_hosts, cores_per_host)
+    return _simulated_resolver.simulated_cluster_resolver(
+        num_hosts, cores_per_host, all_threads=all_threads
+    )
