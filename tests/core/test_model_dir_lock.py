@@ -141,16 +141,27 @@ def test_a_second_process_is_refused_naming_the_holder_until_the_holder_exits(tm
     acquire(str(tmp_path)).release()
 
 
-def test_a_holder_killed_with_sigkill_does_not_block_the_restart(tmp_path):
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_holder_killed_with_sigkill_does_not_block_the_restart(tmp_path, reaped):
     child = _child(tmp_path, "hold")
     _expect_line(child, "held")
     child.kill()
-    child.wait(timeout=60)
-    # The heartbeat is fresh (stale only after 600 s): only the dead pid frees it.
-    lock = acquire(str(tmp_path), heartbeat_secs=10.0, stale_after_secs=600.0)
+    if reaped:
+        child.wait(timeout=60)
+    # The heartbeat is fresh (stale only after 600 s): only the dead pid frees it. Unreaped,
+    # the child is a zombie for as long as this test runs; the kill itself may take a moment.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            lock = acquire(str(tmp_path), heartbeat_secs=10.0, stale_after_secs=600.0)
+            break
+        except ModelDirLockedError:
+            assert not reaped and time.monotonic() < deadline, "a dead holder blocked the lock"
+            time.sleep(0.05)
     assert _holder_in_file(tmp_path)["pid"] == os.getpid()
     lock.release()
     assert not os.path.exists(_lock_file(tmp_path))
+    child.communicate(timeout=60)
 
 
 def test_a_live_holder_whose_heartbeat_stopped_is_stale_and_learns_it_lost(tmp_path):
@@ -211,6 +222,15 @@ def test_the_same_thread_acquiring_again_takes_over_its_earlier_lock(tmp_path):
     assert not os.path.exists(_lock_file(tmp_path))
 
 
+def test_the_same_directory_spelled_differently_is_the_same_lock(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)
+    first = acquire(f"{tmp_path}/", **FAST)
+    second = acquire(tmp_path.name, **FAST)
+    assert not first.held and second.held
+    second.release()
+    assert not os.path.exists(_lock_file(tmp_path))
+
+
 def test_another_live_thread_of_this_process_holding_it_is_refused(tmp_path):
     held, done = threading.Event(), threading.Event()
 
@@ -254,8 +274,9 @@ def _foreign(heartbeat, token="theirs"):
 
 
 def _write(model_dir, holder):
+    """Writes `holder`, with a key this version does not know (as a newer writer might)."""
     with open(_lock_file(model_dir), "w") as f:
-        f.write(holder.to_json())
+        f.write(json.dumps({**json.loads(holder.to_json()), "written_by": "monolith 9"}))
 
 
 def test_a_beating_holder_on_another_host_is_refused(tmp_path):
@@ -281,6 +302,30 @@ def test_a_silent_holder_on_another_host_is_taken_over_after_the_timeout(tmp_pat
     lock = acquire(str(tmp_path), **FAST)
     assert _holder_in_file(tmp_path)["token"] == lock.holder.token
     lock.release()
+
+
+def test_an_unreadable_lock_file_that_keeps_changing_counts_as_held(tmp_path):
+    stop = threading.Event()
+
+    def scribble():
+        count = 0
+        while True:
+            count += 1
+            with open(_lock_file(tmp_path), "w") as f:
+                f.write(f"not a lock record {count}")
+            if stop.wait(0.02):
+                return
+
+    thread = threading.Thread(target=scribble)
+    thread.start()
+    while not os.path.exists(_lock_file(tmp_path)):
+        time.sleep(0.01)
+    try:
+        with pytest.raises(ModelDirLockedError, match=r"host \(unknown\)"):
+            acquire(str(tmp_path), heartbeat_secs=0.1, stale_after_secs=0.5)
+    finally:
+        stop.set()
+        thread.join(60)
 
 
 def test_an_unreadable_lock_file_is_taken_over_after_the_timeout(tmp_path):
@@ -356,12 +401,16 @@ def test_through_gfile_a_beating_holder_is_refused_and_a_release_frees_it(monkey
 
     stop = threading.Event()
 
-    def beat():  # another host's holder (TF's ram:// appends on "w": write, then rename)
-        while not stop.wait(0.05):
-            with tf.io.gfile.GFile(f"{path}.new", "w") as f:
-                f.write(_foreign(time.time()).to_json())
-            tf.io.gfile.rename(f"{path}.new", path, overwrite=True)
+    def write():  # another host's holder (TF's ram:// appends on "w": write, then rename)
+        with tf.io.gfile.GFile(f"{path}.new", "w") as f:
+            f.write(_foreign(time.time()).to_json())
+        tf.io.gfile.rename(f"{path}.new", path, overwrite=True)
 
+    def beat():
+        while not stop.wait(0.05):
+            write()
+
+    write()
     thread = threading.Thread(target=beat)
     thread.start()
     try:

@@ -119,13 +119,18 @@ def _host_identity() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host; a zombie (killed, not yet reaped) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # another user's process
-    return True
+        pass  # another user's process
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: the signal check above decides
 
 
 def _when(seconds: float) -> str:
@@ -157,10 +162,15 @@ class LockHolder:
 
     @classmethod
     def from_json(cls, text: str) -> Optional[LockHolder]:
-        """The holder in `text`, or None when it is not a complete lock record."""
+        """The holder in `text`, or None when it is not a complete lock record.
+
+        Keys this version does not know (a newer writer's) are ignored.
+        """
         try:
-            return cls(**json.loads(text))
-        except (TypeError, ValueError):
+            data = json.loads(text)
+            known = {field.name for field in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (AttributeError, TypeError, ValueError):
             return None
 
     @property
@@ -266,6 +276,25 @@ class _LocalStore:
         os.replace(cls._temporary(path, text), path)
 
     @classmethod
+    def replace_if_token(cls, path: str, text: str, token: str) -> Optional[str]:
+        """Replaces `path` by `text` if it holds `token`; else returns what it holds ("": none).
+
+        The new file is written (and synced) before the check, so that only a
+        rename separates the check from the replacement: a holder paused in
+        between (SIGSTOP, a suspended VM) would overwrite a newer holder.
+        """
+        temporary = cls._temporary(path, text)
+        try:
+            current = cls.read(path) or ""
+            if _token_of(current) != token:
+                return current
+            os.replace(temporary, path)
+            return None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+
+    @classmethod
     def take_over(cls, path: str, expected: str, text: str) -> bool:
         """Replaces the lock file holding `expected` by one holding `text`; False if it changed.
 
@@ -335,6 +364,14 @@ class _RemoteStore:
         tf.io.gfile.rename(temporary, path, overwrite=True)
 
     @classmethod
+    def replace_if_token(cls, path: str, text: str, token: str) -> Optional[str]:
+        current = cls.read(path) or ""
+        if _token_of(current) != token:
+            return current
+        cls.replace(path, text)
+        return None
+
+    @classmethod
     def take_over(cls, path: str, expected: str, text: str) -> bool:
         if cls.read(path) != expected:
             return False
@@ -347,6 +384,11 @@ class _RemoteStore:
 
         with contextlib.suppress(tf.errors.NotFoundError):
             tf.io.gfile.remove(path)
+
+
+def _token_of(text: str) -> Optional[str]:
+    holder = LockHolder.from_json(text)
+    return holder.token if holder is not None else None
 
 
 def _store_for(model_dir: str) -> Any:
@@ -430,26 +472,28 @@ class ModelDirLock:
         failures = 0
         while not self._stop.wait(self._heartbeat_secs):
             try:
-                current = LockHolder.from_json(self._store.read(self.path) or "")
-                if self._stop.is_set():
+                beat = dataclasses.replace(self._holder, heartbeat=time.time())
+                current = self._store.replace_if_token(self.path, beat.to_json(), beat.token)
+                if current is not None:
+                    self._lost(current)
                     return
-                if current is None or current.token != self._holder.token:
-                    self._held = False
-                    logging.error(
-                        "Lost the model_dir lock %s: %s. Another process may train on this "
-                        "model_dir; this one should stop.",
-                        self.path,
-                        f"now held by {current.describe()}" if current else "the file is gone",
-                    )
-                    return
-                self._holder = dataclasses.replace(self._holder, heartbeat=time.time())
-                self._store.replace(self.path, self._holder.to_json())
+                self._holder = beat
                 failures = 0
             except Exception as error:  # keep beating: a transient store error is not fatal
                 failures += 1
                 logging.warning(
                     "model_dir lock heartbeat failed (%d in a row): %r", failures, error
                 )
+
+    def _lost(self, current: str) -> None:
+        self._held = False
+        holder = LockHolder.from_json(current)
+        logging.error(
+            "Lost the model_dir lock %s: %s. Another process may train on this model_dir; "
+            "this one should stop.",
+            self.path,
+            f"now held by {holder.describe()}" if holder else "the file is gone or unreadable",
+        )
 
 
 def acquire(
@@ -497,9 +541,17 @@ def acquire(
         return None
     store = _store_for(model_dir)
     store.prepare(model_dir)
-    path = os.path.join(model_dir, LOCK_FILE_NAME)
+    # One path per directory: the registry of this process's locks is keyed by it.
+    if store is _LocalStore:
+        path = os.path.join(os.path.realpath(model_dir), LOCK_FILE_NAME)
+    else:
+        path = f"{model_dir.rstrip('/')}/{LOCK_FILE_NAME}"
     me = _host_identity()
-    while True:
+    # A lock that keeps changing hands (or an unreadable file that keeps changing) is
+    # judged again; past this deadline it counts as held.
+    give_up = time.monotonic() + 3 * stale_after_secs
+    holder: Optional[LockHolder] = None
+    while holder is None or time.monotonic() < give_up:
         ours = LockHolder(
             host=me,
             pid=os.getpid(),
@@ -513,7 +565,7 @@ def acquire(
         text = store.read(path)
         if text is None:
             continue  # released meanwhile: try again
-        holder = LockHolder.from_json(text) or _unreadable_holder(store, path)
+        holder = LockHolder.from_json(text) or _unreadable_holder()
         if holder.host == me and holder.pid == os.getpid():
             _check_other_thread(model_dir, path, holder)
             store.replace(path, ours.to_json())  # ours: an earlier run of this process
@@ -528,6 +580,7 @@ def acquire(
             continue  # released or taken meanwhile: judge again
         if store.take_over(path, text, ours.to_json()) and _settled(store, path, ours):
             return _held(model_dir, path, ours, heartbeat_secs, took_over=holder)
+    raise _locked_error(model_dir, path, holder)
 
 
 def _create(store: Any, model_dir: str, path: str, ours: LockHolder) -> bool:
@@ -558,13 +611,12 @@ def _settled(store: Any, path: str, ours: LockHolder) -> bool:
     return current is not None and current.token == ours.token
 
 
-def _unreadable_holder(store: Any, path: str) -> LockHolder:
+def _unreadable_holder() -> LockHolder:
     """A stand-in for a lock file that is not a complete record (being written, or foreign).
 
     It is judged as a holder on an unknown host whose heartbeat is the time
     it was read: stale once it stays unchanged for `stale_after_secs`.
     """
-    del store, path
     now = time.time()
     return LockHolder(host="(unknown)", pid=0, started=now, heartbeat=now, token="")
 
