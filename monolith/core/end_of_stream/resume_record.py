@@ -35,7 +35,10 @@ The rule (`check_and_record`):
 * global step > 0 and a recorded value differs: `ResumeMismatchError`, naming
   each value (old -> new), what the skip would have done wrong, and what to do;
   nothing is written;
-* a longer or shorter stream is not recorded: it changes no position.
+* a longer or shorter stream is not recorded: it changes no position;
+* a value that cannot be known is not compared (None: a batch size with no
+  static batch dimension, the topology without a TPU context); a stream id
+  of None is a value like any other.
 
 Deleting the record file makes the next run record its values unchecked, as
 for a checkpoint from before the guard: only for a change known to be safe.
