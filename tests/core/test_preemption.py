@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from monolith.core import preemption, testing
 from tests._feed_threads import live_feed_threads
+from tests._light_imports import CHECK, PREAMBLE
 from tests.core._feed_hook_helpers import BATCH, counting_model_fn, padded_stream_fn, read_counts
 
 pytestmark = pytest.mark.timeout(180)
@@ -100,6 +102,50 @@ def test_off_switch_leaves_sigterm_to_kill_the_process_without_a_checkpoint(tmp_
     assert _checkpoint_steps(tmp_path) == [0]  # only the one written at session creation
 
 
+# The watcher alone, in a process without TensorFlow (tests/_light_imports.py): SIGTERM
+# received, then the hook's end() (restore), then a final save of `argv[1]` seconds, after
+# which the program exits with the restart code.
+_WATCHER_CHILD = f"""
+{PREAMBLE}
+import time
+from monolith.core.feed.preemption import RESTART_EXIT_CODE, SigtermWatcher
+{CHECK}
+watcher = SigtermWatcher()
+assert watcher.install()
+print("ready", flush=True)
+while not watcher.received:
+    time.sleep(0.005)  # training, until the loop boundary
+watcher.restore()  # the feed hook's end()
+print("saving", flush=True)
+time.sleep(float(sys.argv[1]))  # the final checkpoint, the report
+print("saved", flush=True)
+sys.exit(RESTART_EXIT_CODE)
+"""
+
+
+def test_a_second_sigterm_during_the_final_save_changes_nothing(tf_behavior):
+    if tf_behavior != "v2":
+        pytest.skip("no TensorFlow in the child: covered by the TF2 pass")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER_CHILD, "2.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        cwd=REPO,
+    )
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    first = time.monotonic()
+    assert child.stdout.readline() == "saving\n"  # the handler was restored: save under way
+    time.sleep(max(0.0, first + 0.1 - time.monotonic()))  # 0.1 s after the first, or later
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == preemption.RESTART_EXIT_CODE, err[-3000:]
+    assert out == "saved\n"
+    assert "Received another SIGTERM during the SIGTERM stop: ignored." in err
+
+
 # -- in-process: chaining, restoring, threads -----------------------------------------------
 
 
@@ -129,7 +175,7 @@ def _sigterm_after_step(step):
     return on_loop_end
 
 
-def test_hook_chains_to_the_previous_handler_and_restores_it(tmp_path, recorder):
+def test_hook_chains_to_the_previous_handler_and_keeps_sigterm_after_the_stop(tmp_path, recorder):
     result = testing.train(
         counting_model_fn,
         padded_stream_fn(1000),
@@ -138,10 +184,34 @@ def test_hook_chains_to_the_previous_handler_and_restores_it(tmp_path, recorder)
         on_loop_end=_sigterm_after_step(4),
     )
     assert recorder.calls == 1
-    assert signal.getsignal(signal.SIGTERM) is recorder
     assert preemption.last_stop_reason() is preemption.StopReason.SIGTERM
     assert result.global_step == 4 and not result.stopped_at_end_of_stream
     _assert_checkpoint_holds_exactly(tmp_path, 4)
+    # The stop is not over until the program exits: a second SIGTERM is still ours.
+    assert signal.getsignal(signal.SIGTERM) is not recorder
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert recorder.calls == 2  # still chained; the default action would not be taken either
+    assert preemption.SigtermWatcher.restore_after_stop() is True
+    assert signal.getsignal(signal.SIGTERM) is recorder
+    assert preemption.SigtermWatcher.restore_after_stop() is False
+
+
+def test_the_next_run_puts_back_the_handler_a_sigterm_stop_kept(tmp_path, recorder):
+    testing.train(
+        counting_model_fn,
+        padded_stream_fn(1000),
+        model_dir=str(tmp_path / "stopped"),
+        iterations_per_loop=2,
+        on_loop_end=_sigterm_after_step(2),
+    )
+    testing.train(
+        counting_model_fn,
+        padded_stream_fn(3),
+        model_dir=str(tmp_path / "next"),
+        iterations_per_loop=2,
+    )
+    assert preemption.last_stop_reason() is preemption.StopReason.END_OF_STREAM
+    assert signal.getsignal(signal.SIGTERM) is recorder
 
 
 def test_end_of_stream_is_reported_as_such_and_a_step_limit_as_none(tmp_path, recorder):

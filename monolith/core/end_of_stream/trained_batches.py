@@ -20,6 +20,12 @@ UnavailableError, e.g. after a TPU worker restart) restores the checkpoint and
 runs the initializer again, so it resumes at the right batch too; a Python
 value read while the graph is built would resume it at the first run's
 position.
+
+The count is a position only for the batch size, batches per step, topology,
+stop rule and stream the checkpoint was trained with. Each call registers
+what it rests on in the graph (`resume_record.register_pipeline`); the feed
+hook compares that with model_dir's resume record before anything trains and
+refuses a restart that differs (`ResumeMismatchError`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from absl import logging
 from tensorflow_estimator.python.estimator.tpu import tpu_config
 
 from monolith.core.common.validation import positive_int
+from monolith.core.end_of_stream import resume_record
+from monolith.core.end_of_stream.resume_record import ResumeMismatchError
 
-__all__ = ["skip_trained_batches"]
+__all__ = ["ResumeMismatchError", "skip_trained_batches"]
 
 
 def skip_trained_batches(
@@ -40,6 +48,7 @@ def skip_trained_batches(
     batches_per_step: Optional[int] = None,
     *,
     context: Any = None,
+    stream_id: Optional[str] = None,
 ) -> tf.data.Dataset:
     """The batched `dataset` minus the batches the restored model has already trained.
 
@@ -91,6 +100,16 @@ def skip_trained_batches(
     `global_step * batches_per_step` trained batches, meets the same partial
     step, and trains nothing more.
 
+    The resume guard: the skip is right only for the batch size (the
+    dataset's static batch dimension), batches per step, topology (hosts,
+    input pipelines, input mode) and stream the checkpoint was trained with,
+    and for its stop rule. The call registers these in the graph, and the
+    feed hook checks them against model_dir's resume record once the graph
+    is built and before anything trains: a restart whose values differ
+    raises `ResumeMismatchError`, naming each value (old -> new). A longer or
+    shorter stream is allowed. Give `stream_id` to tell streams apart that the
+    other values cannot, e.g. `stream_id=f"seed={seed} files={pattern}"`.
+
     Not for eager iteration: eagerly, the count would be read once, now. In a
     graph it works with `make_initializable_iterator` (what TPUEstimator and
     `monolith.core.testing` use); `make_one_shot_iterator` refuses datasets
@@ -102,6 +121,8 @@ def skip_trained_batches(
         positive int). None: derived from `context`, or 1 without it.
       context: TPUEstimator's `params["context"]` (a `TPUContext`) of this
         input_fn call, or None.
+      stream_id: Keyword-only. A string naming the stream (recorded and
+        compared on restart), or None.
 
     Returns:
       `dataset` with its first `global_step * batches_per_step` elements
@@ -109,9 +130,11 @@ def skip_trained_batches(
 
     Raises:
       TypeError: `dataset` is not a `tf.data.Dataset`; `batches_per_step` is
-        not an int; `context` has no `current_input_fn_deployment`.
+        not an int; `context` has no `current_input_fn_deployment`;
+        `stream_id` is not a str.
       ValueError: `batches_per_step` is not positive, or disagrees with the
-        count `context` gives.
+        count `context` gives; the graph already holds a different call for
+        the same input pipeline.
       RuntimeError: called eagerly, or the graph has no global step (create
         it first; TPUEstimator and the emulator do before calling input_fn).
       tf.errors.InvalidArgumentError: at iterator initialisation, if the
@@ -122,6 +145,10 @@ def skip_trained_batches(
             f"dataset={dataset!r} (type {type(dataset).__name__}) must be a tf.data.Dataset."
         )
     per_step = _batches_per_step(batches_per_step, context)
+    if stream_id is not None and not isinstance(stream_id, str):
+        raise TypeError(
+            f"stream_id={stream_id!r} (type {type(stream_id).__name__}) must be a str or None."
+        )
     if tf.executing_eagerly():
         raise RuntimeError(
             "skip_trained_batches reads the global step when the input iterator is "
@@ -136,6 +163,7 @@ def skip_trained_batches(
             "(tf.compat.v1.train.get_or_create_global_step(); TPUEstimator does before it "
             "calls input_fn)."
         )
+    resume_record.register_pipeline(_pipeline_record(dataset, per_step, context, stream_id))
     logging.info(
         "Input resumes after global_step * %d batches (read at iterator initialisation).",
         per_step,
@@ -149,6 +177,59 @@ def skip_trained_batches(
         with tf.control_dependencies([check]):
             count = step * per_step
     return dataset.skip(count)
+
+
+def _pipeline_record(
+    dataset: tf.data.Dataset, per_step: int, context: Any, stream_id: Optional[str]
+) -> resume_record.PipelineRecord:
+    """What this call's skip count rests on, for the resume guard."""
+    if context is None:
+        pipeline, num_pipelines, num_hosts, mode = 0, 1, None, None
+    else:
+        _, pipeline, num_pipelines, _ = context.current_input_fn_deployment()
+        num_hosts = getattr(context, "num_hosts", None)
+        mode = _INPUT_MODE_NAMES.get(_input_mode(context))
+    return resume_record.PipelineRecord(
+        pipeline=int(pipeline),
+        num_pipelines=int(num_pipelines),
+        num_hosts=int(num_hosts) if num_hosts is not None else None,
+        input_mode=mode,
+        batch_size=_static_batch_size(dataset),
+        batches_per_step=per_step,
+        stream_id=stream_id,
+    )
+
+
+def _static_batch_size(dataset: tf.data.Dataset) -> Optional[int]:
+    """The batch dimension every component of `dataset` agrees on, or None (logged)."""
+    sizes = set()
+    for spec in tf.nest.flatten(dataset.element_spec):
+        shape = getattr(spec, "shape", None)
+        if shape is not None and shape.rank:
+            size = tf.compat.dimension_value(shape[0])
+            if size is not None:
+                sizes.add(int(size))
+    if len(sizes) == 1:
+        return sizes.pop()
+    logging.warning(
+        "skip_trained_batches: the dataset's batch dimension is %s; the resume guard cannot "
+        "check the batch size (batch with drop_remainder=True to give it a static one).",
+        f"ambiguous {sorted(sizes)}" if sizes else "not static",
+    )
+    return None
+
+
+_INPUT_MODE_NAMES = {
+    getattr(tpu_config.InputPipelineConfig, name): name
+    for name in ("PER_SHARD_V1", "PER_HOST_V1", "PER_HOST_V2", "BROADCAST", "SLICED")
+    if hasattr(tpu_config.InputPipelineConfig, name)
+}
+
+
+def _input_mode(context: Any) -> Any:
+    """The context's `InputPipelineConfig` (TPUContext has no public view; its internal one has)."""
+    internal = getattr(context, "_internal_ctx", None)
+    return internal.config.tpu_config.per_host_input_for_training if internal else None
 
 
 def _batches_per_step(batches_per_step: Any, context: Any) -> int:
@@ -186,9 +267,7 @@ def _from_context(context: Any) -> int:
             'params["context"] (a TPUContext with current_input_fn_deployment()).'
         )
     replicas = int(context.current_input_fn_deployment()[3])
-    # TPUContext has no public view of the input mode; its internal context does.
-    internal = getattr(context, "_internal_ctx", None)
-    mode = internal.config.tpu_config.per_host_input_for_training if internal else None
+    mode = _input_mode(context)
     if mode is tpu_config.InputPipelineConfig.PER_HOST_V2:
         return max(1, replicas)
     return 1

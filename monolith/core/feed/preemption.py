@@ -124,6 +124,17 @@ class SigtermWatcher:
     as if it had never been installed. A later `install()` also unwraps such a
     stale watcher.
 
+    Once a SIGTERM has been received, the stop has begun and must not be cut
+    short: further SIGTERMs are logged and ignored (a Python previous handler
+    is still called), also after `restore()`, which then leaves the watcher
+    installed: the hook calls `restore()` in its `end()`, and what follows
+    (the other hooks' `end()`, the session's close, the program's report and
+    its exit with `RESTART_EXIT_CODE`) must not be cut short. The previous handler
+    comes back when the next training run installs its watcher (it unwraps
+    this one), or when the program calls `SigtermWatcher.restore_after_stop()`
+    (for a program that goes on after the stop); otherwise it stays ignored
+    until the process exits.
+
     Args:
       is_active: Returns whether the training run that installed the watcher
         is still going; None means always.
@@ -134,6 +145,7 @@ class SigtermWatcher:
         self._received = threading.Event()
         self._previous: _Handler = None
         self._installed = False
+        self._holding = False  # restore() came during a SIGTERM stop: kept installed
 
     @property
     def received(self) -> bool:
@@ -158,7 +170,7 @@ class SigtermWatcher:
         previous = signal.getsignal(signal.SIGTERM)
         while isinstance(getattr(previous, "__self__", None), SigtermWatcher):
             stale = previous.__self__
-            if stale._is_active():
+            if stale._is_active() and not stale._holding:
                 break
             previous = stale._previous  # A watcher left by a failed run: unwrap it.
         if previous is None or previous == signal.SIG_IGN:
@@ -178,9 +190,39 @@ class SigtermWatcher:
         return True
 
     def restore(self) -> None:
-        """Puts the previous SIGTERM handler back (main thread only; idempotent)."""
+        """Puts the previous SIGTERM handler back (main thread only; idempotent).
+
+        After a SIGTERM it keeps the watcher installed instead, so that the
+        stop (the final checkpoint, the program's exit code) is not cut short
+        by a second SIGTERM; see the class docstring.
+        """
         if not self._installed:
             return
+        if self._received.is_set():
+            if not self._holding:
+                self._holding = True
+                logging.info(
+                    "SIGTERM stop under way: further SIGTERMs are ignored until the process "
+                    "exits, the next training run starts, or "
+                    "SigtermWatcher.restore_after_stop() is called."
+                )
+            return
+        self._put_back()
+
+    @classmethod
+    def restore_after_stop(cls) -> bool:
+        """Puts back the SIGTERM handler a finished SIGTERM stop kept in place (main thread).
+
+        For a program that goes on after a SIGTERM stop instead of exiting.
+        Returns whether a watcher was holding SIGTERM (and now no longer is).
+        """
+        watcher = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+        if not isinstance(watcher, cls) or not watcher._holding:
+            return False
+        watcher._put_back()
+        return True
+
+    def _put_back(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             logging.warning("Cannot restore the SIGTERM handler outside the main thread.")
             return
@@ -194,12 +236,15 @@ class SigtermWatcher:
 
     def _handle(self, signum: int, frame: Any) -> None:
         """The signal handler (Python runs it on the main thread between bytecodes)."""
-        if not self._is_active():
+        if not self._received.is_set() and not self._is_active():
             # The run that installed us ended without restore() (it failed).
             self.restore()
             _deliver(self._previous, signum, frame)
             return
-        if not self._received.is_set():
+        if self._received.is_set():
+            # The stop has begun: a second signal must not cut the final checkpoint short.
+            logging.warning("Received another SIGTERM during the SIGTERM stop: ignored.")
+        else:
             logging.warning(
                 "Received SIGTERM: training stops at the next loop boundary and the "
                 "final checkpoint is written."

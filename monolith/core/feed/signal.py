@@ -4,19 +4,40 @@ The input side (`monolith.core.end_of_stream`) appends a bool feature named
 `_USER_PROVIDED_SIGNAL_NAME` to every batch; TPUEstimator sends
 `{"stopping": flag}` for it through the outfeed, and the feed hook's outfeed
 thread reads it back with `_stopping_value`. Both sides import the name from
-here, so neither depends on the other.
+here, so neither depends on the other. So does `StopRule`, the rule that
+decides which padding ends training.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["_STOPPING_KEY", "_USER_PROVIDED_SIGNAL_NAME", "_stopping_value"]
+__all__ = ["StopRule", "_STOPPING_KEY", "_USER_PROVIDED_SIGNAL_NAME", "_stopping_value"]
 
 _USER_PROVIDED_SIGNAL_NAME = "_user_provided_signal_name"
 _STOPPING_KEY = "stopping"
+
+
+class StopRule(enum.Enum):
+    """Which padding ends training, chosen once in `append_stopping_signals`.
+
+    * `ANY_REPLICA_PADDING` (the default, the original's rule): a step in
+      which any replica's batch is padding ends training and trains nothing;
+      the global step counts the steps in which every replica had real data.
+    * `ALL_REPLICAS_PADDING` ("nothing lost"): training ends only on a step in
+      which every replica's batch is padding; a partly real step is trained
+      and counted.
+
+    The resume record (`monolith.core.end_of_stream.resume_record`) keeps the
+    rule a model_dir was trained with, since its global step counts steps
+    under that rule.
+    """
+
+    ANY_REPLICA_PADDING = "any_replica_padding"
+    ALL_REPLICAS_PADDING = "all_replicas_padding"
 
 
 def _is_mapping(value: Any) -> bool:
