@@ -1,4 +1,9 @@
-"""Shared pieces of the host-call tests: a fake TPUContext, replicated host-call inputs, events."""
+"""Shared pieces of the host-call tests.
+
+A fake TPUContext, host calls and their replicated inputs, a session that runs
+a host function (at chosen global steps), the cached slices of caching mode,
+the global-step read found from the outfed tensors, and the event files.
+"""
 
 from __future__ import annotations
 
