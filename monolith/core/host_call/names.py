@@ -22,8 +22,8 @@ Monolith module, which are not the same rule, on purpose kept as they were:
 
 Our additions to the filter, so that what the host function needs is never
 dropped: with scalar metrics off, the cached windows and the padding flag (as
-the host function recognises them) are recorded too; the original dropped
-them, and then its caching host function failed.
+the host function recognises them) are recorded too. The original dropped
+them; without the windows its caching host function failed.
 """
 
 from __future__ import annotations
