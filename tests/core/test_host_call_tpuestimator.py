@@ -140,7 +140,11 @@ def _poll_json(url, steps, deadline, process, log_path):
 
 
 @pytest.mark.timeout(150)
-def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
+def test_tensorboard_serves_the_host_call_scalars(tf_behavior, model_dir, tmp_path):
+    if tf_behavior != "v2":
+        # TensorBoard, a new process, reads the files whatever wrote them; the v1
+        # pass checks its own event files with the tests above.
+        pytest.skip("TensorBoard reads event files the same way: covered by the TF2 pass")
     events = read_events(os.path.join(model_dir, "host_call"))
     tags = ("auc", "loss_avg")
     written_steps = {tag: sorted(step for step, _ in events[tag]) for tag in tags}
