@@ -21,8 +21,10 @@ the training thread with `use_tpu=False`) with each packed tensor
 concatenated over replicas. It writes, with `tf.summary` to
 `output_dir + "/host_call"`:
 
-- each scalar metric: names containing `_avg`, `_max`, `_sum` are reduced
-  over replicas (mean, max, sum); any other name logs replica 0's value;
+- each scalar metric: names containing `_avg`, `_max`, `_sum` (anywhere, as
+  in the original: `loss_summary` is summed) are reduced over replicas
+  (mean, max, sum); any other name logs replica 0's value. How each name is
+  matched, when recorded and in the host function, is in `host_call.names`;
 - `auc`: the streaming AUC (`tf.compat.v1.metrics.auc`) of the examples whose
   uid bucket is below `_UID_SAMPLE_RATE * _RATIO_N` (10 of 1000 buckets).
   It accumulates over the whole run, and the logged value is the one the
@@ -36,7 +38,7 @@ concatenated over replicas. It writes, with `tf.summary` to
 
 Every summary of a step is written at the global step when that step
 started (a step that did not advance the global step: the next free
-number), each number once (see `_host_call_steps`). With the padding flag
+number), each number once (see `host_call.steps`). With the padding flag
 recorded (`stopping_signals`, True / non-zero = padding), padding examples
 are never selected.
 
@@ -56,19 +58,33 @@ update, e.g. call `record_summary_tpu_variables()` under
 `tf.control_dependencies(update_ops)`.
 
 This module is the drop-in facade (names, signatures and defaults of the
-original); the cached window (TPU variables, roll-and-add updates, used part)
-is built by `host_call.cached_window`, the summaries by `host_call.summaries`, and
-the step numbers by `host_call.steps`.
+original); the names and their matching rules live in `host_call.names`, the
+cached window's pieces (TPU variables, roll-and-add updates, used part) in
+`host_call.cached_window`, the summaries in `host_call.summaries`, and the
+step numbers in `host_call.steps`. The original's overridable methods are
+called where the original calls them, so a subclass that overrides one
+changes the behaviour as it would with the original:
+`_create_all_tpu_variables` -> `_create_tpu_var` (each cached variable);
+`update_tpu_variables_ops` -> `_clear_value_at_index_1`, `_compute_new_value`;
+`record_summary_tpu_variables` -> `record_summary_tensor`;
+`generate_host_call_hook` -> `compress_tensors`, and its host functions ->
+`decompress_tensors`, `_write_summary_ops` -> `_slice_tensor` (->
+`_verify_shape_and_dtype`), `_serialize_tensor`.
 
 Differences from the original Monolith module: the host call runs only when
 both the constructor and `params["enable_host_call"]` enable it (a warning
 says when they disagree); user errors raise ValueError/TypeError/RuntimeError
-naming the argument; scalar-metric-only recording works (no averages of
+naming the argument (also `host_call_every_n_steps` and
+`top_k_sampling_num_per_core` without caching: positive ints, when the host
+call is enabled); scalar-metric-only recording works (no averages of
 missing tensors); the `auc` summary is deterministic; exactly one selected
 example stays a vector; one replica works on every path; the TPU variables are
 resource variables created outside the TPU step (`tf.init_scope()`), recorded
-even with scalar metrics disabled; the host functions return only their own
-summary ops (and the AUC update).
+even with scalar metrics disabled; the host functions return only the
+summary ops written in their writer scope (and the AUC update), not every
+summary op of the graph; a recorded per-example padding flag reaches
+`_write_summary_ops` (whose signature is the original's) as
+`self._received_padding_flag`, set only while a host function builds.
 """
 
 from __future__ import annotations
@@ -81,6 +97,7 @@ from absl import logging
 from monolith.core.base_host_call import BaseHostCall
 from monolith.core.common.validation import positive_int
 from monolith.core.host_call import cached_window as _cached_window
+from monolith.core.host_call import names as _names
 from monolith.core.host_call import summaries as _host_call_summaries
 from monolith.core.host_call import tensor_checks as _tensor_checks
 from monolith.core.host_call.cached_window import TPUVariableRestoreHook
@@ -88,12 +105,13 @@ from monolith.core.tpu_variable import ReplicatedVariable
 
 __all__ = ["BaseEmbeddingHostCall", "TPUVariableRestoreHook"]
 
-_LABLES_FOR_AUC_CALCULATION = "labels_for_auc_calculation"
-_Y_PRED_FOR_AUC_CALCULATION = "y_pred_for_auc_calculation"
-_REQ_TIME = "req_time"
-_SAMPLE_RATE = "sample_rate"
-_UID = "uid"
-_UID_BUCKET = "uid_bucket"
+# The original's module constants (defined once, in host_call.names).
+_LABLES_FOR_AUC_CALCULATION = _names.LABELS_FOR_AUC_CALCULATION
+_Y_PRED_FOR_AUC_CALCULATION = _names.Y_PRED_FOR_AUC_CALCULATION
+_REQ_TIME = _names.REQ_TIME
+_SAMPLE_RATE = _names.SAMPLE_RATE
+_UID = _names.UID
+_UID_BUCKET = _names.UID_BUCKET
 
 _DEEPINSIGHT_SAMPLE_RATES = _host_call_summaries.DEEPINSIGHT_SAMPLE_RATES
 _DEEPINSIGHT_LABELS = _host_call_summaries.DEEPINSIGHT_LABELS
@@ -103,21 +121,15 @@ _DEEPINSIGHT_REQ_TIMES = _host_call_summaries.DEEPINSIGHT_REQ_TIMES
 _RATIO_N = _host_call_summaries.RATIO_N
 _UID_SAMPLE_RATE = _host_call_summaries.UID_SAMPLE_RATE
 
-_HOST_CALL_AUC_METRICS = {
-    _LABLES_FOR_AUC_CALCULATION,
-    _Y_PRED_FOR_AUC_CALCULATION,
-    _SAMPLE_RATE,
-    _REQ_TIME,
-    _UID_BUCKET,
-}
+_HOST_CALL_AUC_METRICS = set(_names.AUC_INPUTS)
 
 # TPU variables names
-_LABELS_TPU_VARIABLE = _cached_window.LABELS
-_PREDS_TPU_VARIABLE = _cached_window.PREDS
-_UID_BUCKETS_TPU_VARIABLE = _cached_window.UID_BUCKETS
-_REQ_TIMES_TPU_VARIABLE = _cached_window.REQ_TIMES
-_SAMPLE_RATES_TPU_VARIABLE = _cached_window.SAMPLE_RATES
-_ACCUMULATED_COUNTER_TPU_VARIABLE = _cached_window.COUNTER
+_LABELS_TPU_VARIABLE = _names.LABELS_TPU_VARIABLE
+_PREDS_TPU_VARIABLE = _names.PREDS_TPU_VARIABLE
+_UID_BUCKETS_TPU_VARIABLE = _names.UID_BUCKETS_TPU_VARIABLE
+_REQ_TIMES_TPU_VARIABLE = _names.REQ_TIMES_TPU_VARIABLE
+_SAMPLE_RATES_TPU_VARIABLE = _names.SAMPLE_RATES_TPU_VARIABLE
+_ACCUMULATED_COUNTER_TPU_VARIABLE = _names.ACCUMULATED_COUNTER_TPU_VARIABLE
 
 _DEPRECATED_METRIC_NAMES = [
     _LABLES_FOR_AUC_CALCULATION,
@@ -128,27 +140,8 @@ _DEPRECATED_METRIC_NAMES = [
 ]
 
 _TPU_VAR_COLLECTION = _cached_window.TPU_VAR_COLLECTION
-_TPU_VARIABLE_NAMES = _cached_window.VARIABLE_NAMES
-_STOPPING_SIGNALS = "stopping_signals"
+_STOPPING_SIGNALS = _names.STOPPING_SIGNALS
 _REQUIRED_PARAMS = ("enable_host_call", "cpu_test", "host_call_every_n_steps")
-# Without caching, a recorded name containing one of these is that AUC input
-# (checked in this order, as in the original).
-_AUC_INPUT_ROLES = (
-    _LABLES_FOR_AUC_CALCULATION,
-    _Y_PRED_FOR_AUC_CALCULATION,
-    _REQ_TIME,
-    _SAMPLE_RATE,
-    _UID_BUCKET,
-)
-
-
-def _auc_input_role(name: str) -> Optional[str]:
-    return next((role for role in _AUC_INPUT_ROLES if role in name), None)
-
-
-def _is_padding_flag(name: str) -> bool:
-    """Whether a recorded name is the per-example padding flag (routed as `stopping_signals`)."""
-    return _STOPPING_SIGNALS in name and not _host_call_summaries.is_reduced_metric(name)
 
 
 class BaseEmbeddingHostCall(BaseHostCall):
@@ -168,10 +161,12 @@ class BaseEmbeddingHostCall(BaseHostCall):
         `TPUContext` TPUEstimator puts in `params["context"]`.
 
     Raises:
-      TypeError: If `params` is not a mapping.
-      ValueError: If a params key is missing, or caching is enabled with
-        `host_call_every_n_steps <= 1`, a non-positive
-        `top_k_sampling_num_per_core`, or no context outside `cpu_test`.
+      TypeError: If `params` is not a mapping, or (host call enabled)
+        `host_call_every_n_steps` or `top_k_sampling_num_per_core` is not an int.
+      ValueError: If a params key is missing; if the host call is enabled
+        and `top_k_sampling_num_per_core < 1`, or `host_call_every_n_steps`
+        is below 1 (2 with caching); or caching has no context outside
+        `cpu_test`.
       RuntimeError: If the host call is enabled and there is no global step.
     """
 
@@ -208,6 +203,17 @@ class BaseEmbeddingHostCall(BaseHostCall):
                 enable_host_call,
                 params["enable_host_call"],
             )
+        every_n = params["host_call_every_n_steps"]
+        if enabled:
+            # Caching metrics in TPU variables needs a window of more than one step.
+            every_n = positive_int(
+                "host_call_every_n_steps",
+                every_n,
+                minimum=2 if enable_caching_with_tpu_var_mode else 1,
+            )
+            top_k_sampling_num_per_core = positive_int(
+                "top_k_sampling_num_per_core", top_k_sampling_num_per_core
+            )
         super().__init__(output_dir, enabled)
         self._enable_deepinsight = enable_deepinsight
         self._enable_host_call_scalar_metrics = enable_host_call_scalar_metrics
@@ -215,7 +221,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
         self._top_k_sampling_num_per_core = top_k_sampling_num_per_core
         self._cpu_test = cpu_test
         self._context = None if cpu_test else params["context"]
-        self._host_call_every_n_steps = params["host_call_every_n_steps"]
+        self._host_call_every_n_steps = every_n
 
         # Per-core cached metrics (caching mode only):
         #   labels, preds, uid_buckets: [top_k * host_call_every_n_steps]
@@ -234,40 +240,60 @@ class BaseEmbeddingHostCall(BaseHostCall):
         self._padding_flag_for_cache: Optional[tf.Tensor] = None
         self._padding_masked_in_cache = False
         self._window_updates_built = False
+        # Without caching: the padding flag the host function received, for
+        # `_write_summary_ops` (whose signature is the original's); set only
+        # while `_host_call` builds.
+        self._received_padding_flag: Optional[tf.Tensor] = None
 
-        self._window: Optional[_cached_window.CachedWindow] = None
         self.tpu_var_restore_hooks: List[TPUVariableRestoreHook] = []
         self._create_all_tpu_variables()
 
+    # ------------------------------------------------------------ cached window (TPU step)
+
     def _create_all_tpu_variables(self) -> None:
-        """Creates the cached-metric variables (caching mode only)."""
+        """Creates the cached-metric variables through `_create_tpu_var` (caching mode only)."""
         if not self._enable_host_call:
             logging.info("enable_host_call is False, not creating TPU variables.")
             return
         if not self._enable_caching_with_tpu_var_mode:
             logging.info("enable_caching_with_tpu_var_mode is False, not creating TPU variables.")
             return
-        # Caching metrics in TPU variables needs a window of more than one step.
-        every_n = positive_int("host_call_every_n_steps", self._host_call_every_n_steps, minimum=2)
-        top_k = positive_int("top_k_sampling_num_per_core", self._top_k_sampling_num_per_core)
         if self._context is None and not self._cpu_test:
             raise ValueError(
                 "caching metrics in TPU variables needs params['context'] (TPUEstimator's "
                 "TPUContext) when params['cpu_test'] is False, got context=None"
             )
+        every_n = self._host_call_every_n_steps
         logging.info("Creating TPU variables caching %d steps of metrics.", every_n)
-        self._window = _cached_window.CachedWindow(top_k, every_n, self._slice_placements())
-        self.tpu_var_restore_hooks.extend(self._window.restore_hooks)
-        variables = self._window.variables
-        self._labels_tpu_variable = variables[_LABELS_TPU_VARIABLE]
-        self._preds_tpu_variable = variables[_PREDS_TPU_VARIABLE]
-        self._uid_buckets_tpu_variable = variables[_UID_BUCKETS_TPU_VARIABLE]
-        self._req_times_tpu_variable = variables[_REQ_TIMES_TPU_VARIABLE]
-        self._sample_rates_tpu_variable = variables[_SAMPLE_RATES_TPU_VARIABLE]
-        self._accumulated_counter_tpu_variable = variables[_ACCUMULATED_COUNTER_TPU_VARIABLE]
+        window = self._top_k_sampling_num_per_core * every_n
+        self._labels_tpu_variable = self._create_tpu_var(_LABELS_TPU_VARIABLE, [window], tf.float32)
+        self._preds_tpu_variable = self._create_tpu_var(_PREDS_TPU_VARIABLE, [window], tf.float32)
+        self._uid_buckets_tpu_variable = self._create_tpu_var(
+            _UID_BUCKETS_TPU_VARIABLE, [window], tf.int32
+        )
+        self._req_times_tpu_variable = self._create_tpu_var(
+            _REQ_TIMES_TPU_VARIABLE, [every_n], tf.int64
+        )
+        self._sample_rates_tpu_variable = self._create_tpu_var(
+            _SAMPLE_RATES_TPU_VARIABLE, [every_n], tf.float32
+        )
+        self._accumulated_counter_tpu_variable = self._create_tpu_var(
+            _ACCUMULATED_COUNTER_TPU_VARIABLE, [], tf.int32
+        )
+
+    def _window_variables(self) -> Dict[str, Any]:
+        """Each cached window's name (`names.WINDOWS` order) -> its variable."""
+        return {
+            _LABELS_TPU_VARIABLE: self._labels_tpu_variable,
+            _PREDS_TPU_VARIABLE: self._preds_tpu_variable,
+            _UID_BUCKETS_TPU_VARIABLE: self._uid_buckets_tpu_variable,
+            _REQ_TIMES_TPU_VARIABLE: self._req_times_tpu_variable,
+            _SAMPLE_RATES_TPU_VARIABLE: self._sample_rates_tpu_variable,
+            _ACCUMULATED_COUNTER_TPU_VARIABLE: self._accumulated_counter_tpu_variable,
+        }
 
     def _slice_placements(self) -> List[Tuple[Any, List[Any]]]:
-        """(host device, [device of each replica's slice]) for each host (see `_cached_window`)."""
+        """(host device, [device of each replica's slice]) for each host (see `cached_window`)."""
         return _cached_window.slice_placements(self._context)
 
     def _create_tpu_var(
@@ -276,7 +302,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
         """Creates a zeroed resource variable per host and replica, wrapped as one.
 
         Its zeroing hook is appended to `tpu_var_restore_hooks` (see
-        `_cached_window.create_replicated_variable`).
+        `cached_window.create_replicated_variable`).
         """
         variable, hook = _cached_window.create_replicated_variable(
             var_name, var_shape, var_type, self._slice_placements()
@@ -287,7 +313,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
     def _compute_new_value(self, base_tpu_var: Any, delta_value: Any, update_offset: Any) -> Any:
         """`base_tpu_var` plus `delta_value` written at `update_offset` (wrapping around).
 
-        See `_cached_window.compute_new_value`.
+        See `cached_window.compute_new_value`.
         """
         return _cached_window.compute_new_value(base_tpu_var, delta_value, update_offset)
 
@@ -308,9 +334,10 @@ class BaseEmbeddingHostCall(BaseHostCall):
 
         Build them in the TPU step and make the train op depend on them. At
         steps with `global_step % host_call_every_n_steps == 1` the window is
-        cleared first; the step's values are written at `counter * top_k`
-        (`counter` for request times and sample rates), and the counter is
-        incremented only after those writes.
+        cleared first (`_clear_value_at_index_1`); the step's values are
+        added at `counter * top_k` (`counter` for request times and sample
+        rates) by `_compute_new_value`, and the counter is incremented only
+        after those writes.
 
         Args:
           global_step: Integer scalar.
@@ -347,7 +374,15 @@ class BaseEmbeddingHostCall(BaseHostCall):
         )
         if self._padding_flag_for_cache is not None:
             checked["uid_buckets"] = self._unsampled_if_padding(checked["uid_buckets"])
-        updates = self._window.update_ops(global_step, checked)
+        updates = _cached_window.update_ops(
+            global_step,
+            self._window_variables(),
+            checked,
+            top_k=self._top_k_sampling_num_per_core,
+            every_n=self._host_call_every_n_steps,
+            clear_value_at_index_1=self._clear_value_at_index_1,
+            compute_new_value=self._compute_new_value,
+        )
         self._window_updates_built = True
         return updates
 
@@ -374,7 +409,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
         return tf.where(tf.broadcast_to(padding, [top_k]), unsampled, uid_buckets)
 
     def record_summary_tpu_variables(self) -> None:
-        """Records the cached windows (caching mode) for the host call."""
+        """Records the cached windows (caching mode) through `record_summary_tensor`."""
         if not self._enable_host_call:
             logging.info("enable_host_call is False, not recording TPU variables.")
             return
@@ -382,17 +417,19 @@ class BaseEmbeddingHostCall(BaseHostCall):
             logging.info("enable_caching_with_tpu_var_mode is False, not recording TPU variables.")
             return
         logging.info("Recording TPU variables.")
-        for name, variable in self._window.variables.items():
-            BaseHostCall.record_summary_tensor(self, name, variable.read_value())
+        for name, variable in self._window_variables().items():
+            self.record_summary_tensor(name, variable.read_value())
+
+    # ------------------------------------------------------------ recording (TPU step)
 
     def record_summary_tensor(self, name: str, tensor: Any) -> None:
         """Records a metric, unless switched off.
 
-        Dropped silently: metrics other than the AUC inputs and the padding
-        flag when `enable_host_call_scalar_metrics` is False, and the
-        per-step AUC inputs (`_DEPRECATED_METRIC_NAMES`) in caching mode,
-        where the cached windows replace them. The cached windows themselves
-        are always kept.
+        Dropped silently (`names.is_recorded`): metrics other than the AUC
+        inputs and the padding flag when `enable_host_call_scalar_metrics`
+        is False, and the per-step AUC inputs (`_DEPRECATED_METRIC_NAMES`)
+        in caching mode, where the cached windows replace them. The cached
+        windows themselves are always kept.
 
         The padding flag, `record_summary_tensor("stopping_signals", flag)`
         (bool or int, `[batch]` or the `[k]` examples recorded for the AUC,
@@ -402,33 +439,31 @@ class BaseEmbeddingHostCall(BaseHostCall):
         In caching mode record it before `update_tpu_variables_ops`, which
         then caches each padding example with an unsampled uid bucket.
         """
-        if (
-            not self._enable_host_call_scalar_metrics
-            and name not in _HOST_CALL_AUC_METRICS
-            and name not in _TPU_VARIABLE_NAMES
-            and not _is_padding_flag(name)
+        caching = self._enable_caching_with_tpu_var_mode
+        if not _names.is_recorded(
+            name, scalar_metrics=self._enable_host_call_scalar_metrics, caching=caching
         ):
-            return
-        if self._enable_caching_with_tpu_var_mode and name in _DEPRECATED_METRIC_NAMES:
             return
         super().record_summary_tensor(name, tensor)
-        if (
-            self._enable_host_call
-            and self._enable_caching_with_tpu_var_mode
-            and _is_padding_flag(name)
-        ):
-            if self._window_updates_built:
-                logging.warning(
-                    "%r was recorded after update_tpu_variables_ops(): the cached windows "
-                    "hold its padding examples, and a window whose host-call step is "
-                    "padding is dropped whole; record it before the updates to drop only "
-                    "the padding examples",
-                    name,
-                )
-            else:
-                self._padding_flag_for_cache = tf.reshape(tf.convert_to_tensor(tensor), [-1])
+        if not (self._enable_host_call and caching):
+            return
+        if _names.route(name, caching=True).kind is not _names.Kind.PADDING_FLAG:
+            return
+        if self._window_updates_built:
+            logging.warning(
+                "%r was recorded after update_tpu_variables_ops(): the cached windows "
+                "hold its padding examples, and a window whose host-call step is "
+                "padding is dropped whole; record it before the updates to drop only "
+                "the padding examples",
+                name,
+            )
+        else:
+            self._padding_flag_for_cache = tf.reshape(tf.convert_to_tensor(tensor), [-1])
+
+    # ------------------------------------------------------------ summaries (host)
 
     def _verify_shape_and_dtype(self, tensor: Any, shape_list: Sequence[Any], dtype: tf.DType):
+        """Raises ValueError/TypeError unless `tensor` has shape `shape_list` and `dtype`."""
         _tensor_checks.check_not_none("tensor", tensor)
         _tensor_checks.check_shape(f"tensor {getattr(tensor, 'name', '')}", tensor, shape_list)
         _tensor_checks.check_dtype(f"tensor {getattr(tensor, 'name', '')}", tensor, dtype)
@@ -436,10 +471,20 @@ class BaseEmbeddingHostCall(BaseHostCall):
     def _slice_tensor(
         self, tensor: Any, indices: Any, expect_shape: Sequence[Any], expect_dtype: tf.DType
     ) -> tf.Tensor:
-        """The elements of the flattened `tensor` at `indices` (see `gather_flat`)."""
-        return _host_call_summaries.gather_flat(tensor, indices, list(expect_shape), expect_dtype)
+        """The elements of the flattened `tensor` at `indices`, once `_verify_shape_and_dtype`.
+
+        Args:
+          tensor: The tensor whose elements are selected.
+          indices: The flat indices to select.
+          expect_shape: The expected shape of `tensor`.
+          expect_dtype: The expected dtype of `tensor`.
+        """
+        self._verify_shape_and_dtype(tensor, expect_shape, expect_dtype)
+        # Flattening is a reshape: no copy of the data.
+        return tf.gather(tf.reshape(tensor, [-1]), indices)
 
     def _serialize_tensor(self, sampled_tensor: tf.Tensor, gs: tf.Tensor, message_name: str):
+        """Writes `sampled_tensor` as a `tf.io.serialize_tensor` text summary (a payload)."""
         tf.summary.text(message_name, data=tf.io.serialize_tensor(sampled_tensor), step=gs)
 
     def _serialize_messages(self, labels, y_preds, sample_rates, req_times, uid_buckets, gs):
@@ -467,28 +512,33 @@ class BaseEmbeddingHostCall(BaseHostCall):
 
     def _write_summary_ops(
         self,
-        summaries: _host_call_summaries.HostCallSummaries,
+        gs: tf.Tensor,
         labels: Optional[tf.Tensor],
         y_preds: Optional[tf.Tensor],
         uid_buckets: Optional[tf.Tensor],
         req_times: Optional[tf.Tensor],
         sample_rates: Optional[tf.Tensor],
         stopping_signals_sum: Optional[tf.Tensor] = None,
-        padding_flag: Optional[tf.Tensor] = None,
     ) -> Optional[tf.Tensor]:
-        """Writes AUC, DeepInsight and average summaries; returns the AUC update op.
+        """Writes AUC, DeepInsight and average summaries at `gs`; returns the AUC update op.
 
-        See `_host_call_summaries.write_example_summaries`.
+        Called by the host functions inside their summary writer scope.
+        Selections go through `_slice_tensor`, payloads through
+        `_serialize_tensor`; padding examples are left out when the host
+        function received a padding flag (`self._received_padding_flag`).
+        See `summaries.write_example_summaries`.
         """
         return _host_call_summaries.write_example_summaries(
-            summaries,
+            gs,
             _host_call_summaries.ExampleTensors(
                 labels, y_preds, uid_buckets, req_times, sample_rates
             ),
+            slice_tensor=self._slice_tensor,
+            serialize_tensor=self._serialize_tensor,
             enable_deepinsight=self._enable_deepinsight,
             top_k=self._top_k_sampling_num_per_core,
             stopping_signals_sum=stopping_signals_sum,
-            padding_flag=padding_flag,
+            padding_flag=self._received_padding_flag,
         )
 
     def _route(
@@ -496,23 +546,19 @@ class BaseEmbeddingHostCall(BaseHostCall):
     ) -> Dict[str, tf.Tensor]:
         """Logs the scalar metrics; returns the other recorded tensors by role.
 
-        One routing rule for both host functions: names with a reduction
-        suffix are logged reduced over replicas; the cached windows (caching
-        mode), the padding flag and (without caching) the AUC inputs are
-        returned under their role; any other name logs replica 0's value.
+        One rule for both host functions (`names.route`): scalar metrics are
+        logged (reduced over replicas by suffix, or replica 0's value); the
+        cached windows (caching mode), the padding flag and (without
+        caching) the AUC inputs are returned under their role.
         """
+        caching = self._enable_caching_with_tpu_var_mode
         routed: Dict[str, tf.Tensor] = {}
         for name, tensor in zip(self._tensor_names[1:], tensors[1:]):
-            if _host_call_summaries.is_reduced_metric(name):
-                summaries.scalar(name, _host_call_summaries.reduced_scalar(name, tensor))
-            elif self._enable_caching_with_tpu_var_mode and name in _TPU_VARIABLE_NAMES:
-                routed[name] = tensor
-            elif _STOPPING_SIGNALS in name:
-                routed[_STOPPING_SIGNALS] = tensor
-            elif not self._enable_caching_with_tpu_var_mode and (role := _auc_input_role(name)):
-                routed[role] = tensor
+            route = _names.route(name, caching=caching)
+            if route.kind in (_names.Kind.REDUCED, _names.Kind.REPLICA_0):
+                summaries.scalar(name, _host_call_summaries.scalar_metric(name, route.role, tensor))
             else:
-                summaries.scalar(name, _host_call_summaries.reduced_scalar(name, tensor))
+                routed[route.role] = tensor
         return routed
 
     def _host_call(self, *args: tf.Tensor) -> tf.Operation:
@@ -525,15 +571,18 @@ class BaseEmbeddingHostCall(BaseHostCall):
         with _host_call_summaries.HostCallSummaries(self._output_dir, gs) as summaries:
             routed = self._route(summaries, tensors)
             req_times = routed.get(_REQ_TIME)
-            auc_op = self._write_summary_ops(
-                summaries,
-                routed.get(_LABLES_FOR_AUC_CALCULATION),
-                routed.get(_Y_PRED_FOR_AUC_CALCULATION),
-                routed.get(_UID_BUCKET),
-                None if req_times is None else tf.expand_dims(req_times, -1),
-                routed.get(_SAMPLE_RATE),
-                padding_flag=routed.get(_STOPPING_SIGNALS),
-            )
+            self._received_padding_flag = routed.get(_STOPPING_SIGNALS)
+            try:
+                auc_op = self._write_summary_ops(
+                    summaries.step,
+                    routed.get(_LABLES_FOR_AUC_CALCULATION),
+                    routed.get(_Y_PRED_FOR_AUC_CALCULATION),
+                    routed.get(_UID_BUCKET),
+                    None if req_times is None else tf.expand_dims(req_times, -1),
+                    routed.get(_SAMPLE_RATE),
+                )
+            finally:
+                self._received_padding_flag = None
         return summaries.group(auc_op)
 
     def _num_replicas(self, args: Sequence[Any]) -> Optional[int]:
@@ -555,7 +604,12 @@ class BaseEmbeddingHostCall(BaseHostCall):
             stopping_signals_sum = None
             if _STOPPING_SIGNALS in routed:
                 stopping_signals_sum = tf.reduce_sum(tf.cast(routed[_STOPPING_SIGNALS], tf.int32))
-            used = self._window.used_part(routed, self._num_replicas(args))
+            used = _cached_window.used_part(
+                routed,
+                top_k=self._top_k_sampling_num_per_core,
+                every_n=self._host_call_every_n_steps,
+                num_replicas=self._num_replicas(args),
+            )
             summaries.scalar("uid_buckets_tpu_variable_avg", tf.reduce_mean(used["uid_buckets"]))
             summaries.scalar("accumulated_times_tpu_variable_avg", tf.reduce_mean(used["counter"]))
             summaries.scalar("used_slice_len_avg", tf.reduce_min(used["used_slice_len"]))
@@ -563,7 +617,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
                 summaries.scalar("stopping_signals_sum", stopping_signals_sum)
 
             auc_op = self._write_summary_ops(
-                summaries,
+                summaries.step,
                 used["labels"],
                 used["y_preds"],
                 used["uid_buckets"],
@@ -576,7 +630,7 @@ class BaseEmbeddingHostCall(BaseHostCall):
     def generate_host_call_hook(self) -> Optional[Tuple[Callable[..., Any], List[tf.Tensor]]]:
         """TPUEstimator's `host_call`: `(host function, packed tensors)`, or None if disabled.
 
-        Call once all tensors are recorded (it packs them).
+        Call once all tensors are recorded: it packs them (`compress_tensors`).
 
         Raises:
           RuntimeError: In caching mode, if `record_summary_tpu_variables` was
@@ -586,14 +640,15 @@ class BaseEmbeddingHostCall(BaseHostCall):
             logging.info("host_call has been disabled")
             return None
         if self._enable_caching_with_tpu_var_mode:
-            missing = [n for n in _TPU_VARIABLE_NAMES if n not in self._tensor_names]
+            recorded = {_names.route(n, caching=True).role for n in self._tensor_names}
+            missing = [n for n in _names.WINDOWS if n not in recorded]
             if missing:
                 raise RuntimeError(
                     "caching mode: call record_summary_tpu_variables() before "
                     f"generate_host_call_hook(); not recorded: {missing}"
                 )
-        if self._packing is None:
+        if self._compressed_tensors is None:
             self.compress_tensors()
         if self._enable_caching_with_tpu_var_mode:
-            return (self._host_call_with_tpu, self._tensors)
-        return (self._host_call, self._tensors)
+            return (self._host_call_with_tpu, self._compressed_tensors)
+        return (self._host_call, self._compressed_tensors)

@@ -8,7 +8,15 @@ what the `model_fn` wants to see on the host (`record_summary_tensor`, on the
 thread building the graph), packs it into one `[1, sum k_i]` tensor per dtype
 (`compress_tensors`), and lets the host function split the `[num_replicas,
 sum k_i]` tensors it receives back into the recorded tensors
-(`decompress_tensors`). Subclasses implement `generate_host_call_hook`.
+(`decompress_tensors`). Subclasses implement `generate_host_call_hook`: call
+`self.compress_tensors()`, return `self._compressed_tensors` as the host
+call's tensors, and call `self.decompress_tensors(args)` in the host function
+(as `BaseEmbeddingHostCall` does), so that overrides of either take effect.
+
+State, for subclasses: `_tensor_names` (the recorded names, in recording
+order, the global step first), `_recorded_tensors` (each recorded tensor
+flattened to `[k]`, same order) and, once `compress_tensors` ran,
+`_compressed_tensors` (the packed `[1, sum k_i]` tensors, one per dtype).
 
 Differences from the original Monolith module:
 - A recorded tensor must have a static length (checked when it is recorded).
@@ -21,8 +29,11 @@ Differences from the original Monolith module:
 - User errors raise ValueError/RuntimeError naming the tensor, not `assert`.
 - The recorded global step is read before the step's optimizer increments it
   (`compress_tensors` orders the read before every writer of the global
-  step, see `_host_call_steps`): it is the global step when the step
+  step, see `host_call.steps`): it is the global step when the step
   started, on every step. The original's read raced the increment.
+- The recorded and the packed tensors have their own attributes
+  (`_recorded_tensors`, `_compressed_tensors`); the original's `_tensors`
+  held the one before `compress_tensors` and the other after it.
 """
 
 from __future__ import annotations
@@ -55,12 +66,13 @@ class BaseHostCall:
         self._output_dir = output_dir
         self._enable_host_call = enable_host_call
         self._tensor_names: List[str] = []
-        # The recorded tensors, flattened to `[k]`; after `compress_tensors`
-        # the packed `[1, sum k_i]` tensors, one per dtype.
-        self._tensors: List[tf.Tensor] = []
-        # Sizes of the members of each packed tensor, as in the original.
-        self._sizes: List[int] = []
+        # Each recorded tensor flattened to `[k]`, and its k, in recording order.
+        self._recorded_tensors: List[tf.Tensor] = []
+        self._recorded_sizes: List[int] = []
+        # Set by compress_tensors: which recorded tensors each packed tensor
+        # holds, and the packed `[1, sum k_i]` tensors (one per dtype).
         self._packing: Optional[Tuple[_host_call_layout.PackedGroup, ...]] = None
+        self._compressed_tensors: Optional[List[tf.Tensor]] = None
         # The global-step read and what it reads from, ordered before the
         # step's writers of the global step when the tensors are compressed.
         self._global_step_read: Optional[Tuple[tf.Operation, tf.Tensor]] = None
@@ -74,7 +86,7 @@ class BaseHostCall:
                     "before the host call"
                 )
             return
-        # A fresh read in this step; see _host_call_steps for why it is ordered.
+        # A fresh read in this step; see host_call.steps for why it is ordered.
         value, read_op, source = _host_call_steps.global_step_read(global_step)
         self._global_step_read = (read_op, source)
         # The host call concatenates every core's tensors along a batch dimension.
@@ -82,8 +94,8 @@ class BaseHostCall:
 
     def _append(self, name: str, flat_tensor: tf.Tensor, size: int) -> None:
         self._tensor_names.append(name)
-        self._tensors.append(flat_tensor)
-        self._sizes.append(size)
+        self._recorded_tensors.append(flat_tensor)
+        self._recorded_sizes.append(size)
 
     def record_summary_tensor(self, name: str, tensor: Any) -> None:
         """Records a scalar or vector to be sent to the host function.
@@ -119,8 +131,9 @@ class BaseHostCall:
     def compress_tensors(self) -> None:
         """Packs the recorded tensors into one `[1, sum k_i]` tensor per dtype.
 
-        Replaces `self._tensors` by the packed tensors, in order of each
-        dtype's first recording (so the global step's dtype comes first).
+        Sets `self._compressed_tensors` to the packed tensors, in order of
+        each dtype's first recording (so the global step's dtype comes first);
+        the recorded tensors stay in `self._recorded_tensors`.
         Also makes every op built so far that writes the global step (the
         optimizer's increment) wait for the recorded global-step read, so
         the step number is the global step when the step started, never the
@@ -132,12 +145,13 @@ class BaseHostCall:
         """
         if self._packing is not None:
             raise RuntimeError("compress_tensors() was already called")
-        # Invariant: record_summary_tensor appends to all three lists together.
-        assert len(self._tensor_names) == len(self._tensors) == len(self._sizes)  # noqa: S101
-        packing = _host_call_layout.plan_packing([t.dtype for t in self._tensors], self._sizes)
+        recorded = self._recorded_tensors
+        # Invariant: _append appends to all three lists together.
+        assert len(self._tensor_names) == len(recorded) == len(self._recorded_sizes)  # noqa: S101
+        packing = _host_call_layout.plan_packing([t.dtype for t in recorded], self._recorded_sizes)
         packed = []
         for group in packing:
-            members = [self._tensors[i] for i in group.positions]
+            members = [recorded[i] for i in group.positions]
             tensor = tf.expand_dims(tf.concat(members, axis=0), axis=0)
             packed.append(tensor)
             logging.info(
@@ -147,7 +161,7 @@ class BaseHostCall:
                 tensor.shape,
             )
         self._packing = packing
-        self._tensors = packed
+        self._compressed_tensors = packed
         if self._global_step_read is not None:
             _host_call_steps.order_before_writers(*self._global_step_read)
 

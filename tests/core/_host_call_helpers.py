@@ -1,21 +1,35 @@
-"""Shared pieces of the host-call tests: a fake TPUContext, replicated host-call inputs, events."""
+"""Shared pieces of the host-call tests.
+
+A fake TPUContext, host calls and their replicated inputs, a session that runs
+a host function (at chosen global steps), the cached slices of caching mode,
+the global-step read found from the outfed tensors, and the event files.
+"""
 
 from __future__ import annotations
 
 import collections
 import glob
 import os
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.protobuf import rewriter_config_pb2
 from tensorflow.python.ops import summary_ops_v2
 
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 
 # Lets the slices placed on /device:TPU:d run on the CPU.
 SOFT_PLACEMENT = tf.compat.v1.ConfigProto(allow_soft_placement=True)
+# For sessions that run a host function a few times: Grappler's graph rewrites
+# cost more than they save there, and change no result.
+FAST_SESSION = tf.compat.v1.ConfigProto(
+    allow_soft_placement=True,
+    graph_options=tf.compat.v1.GraphOptions(
+        rewrite_options=rewriter_config_pb2.RewriterConfig(disable_meta_optimizer=True)
+    ),
+)
 
 
 class FakeUserContext:
@@ -42,6 +56,16 @@ class FakeUserContext:
         return lambda host_id: f"{self._job}/task:{host_id}/device:CPU:0"
 
 
+class RecordingSession:
+    """Stands in for the session a hook's `after_create_session` gets: records what it runs."""
+
+    def __init__(self):
+        self.fetched: List = []
+
+    def run(self, fetches, *args, **kwargs):
+        self.fetched.append(fetches)
+
+
 def params(cpu_test=True, every_n=1, enable=True, context=None, **extra) -> dict:
     result = {"enable_host_call": enable, "cpu_test": cpu_test, "host_call_every_n_steps": every_n}
     if not cpu_test:
@@ -51,10 +75,17 @@ def params(cpu_test=True, every_n=1, enable=True, context=None, **extra) -> dict
 
 
 def make_host_call(
-    output_dir: str, *, top_k=4, deepinsight=True, scalar_metrics=True, caching=False, **kwargs
+    output_dir: str,
+    *,
+    top_k=4,
+    deepinsight=True,
+    scalar_metrics=True,
+    caching=False,
+    cls=BaseEmbeddingHostCall,
+    **kwargs,
 ) -> BaseEmbeddingHostCall:
-    """An enabled host call; `kwargs` go to `params()`."""
-    return BaseEmbeddingHostCall(
+    """An enabled host call of class `cls`; `kwargs` go to `params()`."""
+    return cls(
         output_dir,
         enable_host_call=True,
         enable_deepinsight=deepinsight,
@@ -102,17 +133,79 @@ def writer_flush_ops() -> List[tf.Operation]:
     ]
 
 
-def run_host_call(ops: Sequence[tf.Operation], feeds: Sequence[dict] = ({},)) -> None:
-    """Runs `ops` once per feed dict in a fresh session, with writers initialized and flushed."""
+def run_host_call(
+    ops: Sequence[tf.Operation],
+    feeds: Optional[Sequence[dict]] = None,
+    *,
+    global_steps: Optional[Sequence[int]] = None,
+    hooks: Sequence[tf.compat.v1.train.SessionRunHook] = (),
+) -> None:
+    """Runs `ops` once per feed dict in a fresh session, with writers initialized and flushed.
+
+    Args:
+      ops: What to run, e.g. a host function's op.
+      feeds: One feed dict per run (default: one run, or one per global step).
+      global_steps: If given, the global step is set to `global_steps[i]`
+        before run i (so the host call records it as that step's number).
+      hooks: Their `after_create_session` runs once the variables are
+        initialized (e.g. a host call's `tpu_var_restore_hooks`).
+    """
+    if feeds is None:
+        feeds = [{}] * (1 if global_steps is None else len(global_steps))
+    set_step = step = None
+    if global_steps is not None:
+        step = tf.compat.v1.placeholder(tf.int64, [])
+        set_step = tf.compat.v1.assign(tf.compat.v1.train.get_global_step(), step)
     init = summary_ops_v2.summary_writer_initializer_op()
     flush = writer_flush_ops()
-    with tf.compat.v1.Session(config=SOFT_PLACEMENT) as sess:
+    with tf.compat.v1.Session(config=FAST_SESSION) as sess:
         sess.run(init)
         sess.run(tf.compat.v1.local_variables_initializer())
         sess.run(tf.compat.v1.global_variables_initializer())
-        for feed in feeds:
+        for hook in hooks:
+            hook.after_create_session(sess, None)
+        for i, feed in enumerate(feeds):
+            if set_step is not None:
+                sess.run(set_step, {step: global_steps[i]})
             sess.run(ops, feed)
         sess.run(flush)
+
+
+def cached_slices(name: str) -> List[tf.Variable]:
+    """The per-core slices of the cached window `name`, from the default graph's `TPU_VAR`.
+
+    In (host, core) order: `slice_<name>_<host>_<core>`, as the original names
+    them (under the name scope the host call was built in).
+    """
+    return [
+        v
+        for v in tf.compat.v1.get_collection("TPU_VAR")
+        if v.op.name.rpartition("/")[2].startswith(f"slice_{name}_")
+    ]
+
+
+def global_step_read_op(host_call_tensors: Sequence[tf.Tensor]) -> tf.Operation:
+    """The op reading the global step that the host call outfeeds, found from its tensors.
+
+    The first packed tensor starts with the global step; the read is the one
+    op among its inputs that reads a variable (a `ReadVariableOp`, or with a
+    ref variable the `Identity` of the ref).
+    """
+    seen, stack, reads = set(), [host_call_tensors[0].op], []
+    while stack:
+        op = stack.pop()
+        if op in seen:
+            continue
+        seen.add(op)
+        if op.type == "ReadVariableOp" or (
+            op.type == "Identity" and op.inputs[0].dtype.name.endswith("_ref")
+        ):
+            reads.append(op)
+            continue
+        stack.extend(t.op for t in op.inputs)
+    if len(reads) != 1:
+        raise AssertionError(f"expected one global-step read, found {reads}")
+    return reads[0]
 
 
 def read_events(logdir: str) -> Dict[str, List[Tuple[int, np.ndarray]]]:

@@ -10,8 +10,15 @@ import tensorflow as tf
 
 from monolith.core import base_embedding_host_call as behc
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall, TPUVariableRestoreHook
+from monolith.core.host_call import names
 from monolith.core.tpu_variable import ReplicatedVariable
-from tests.core._host_call_helpers import SOFT_PLACEMENT, FakeUserContext, make_host_call, params
+from tests.core._host_call_helpers import (
+    SOFT_PLACEMENT,
+    FakeUserContext,
+    cached_slices,
+    make_host_call,
+    params,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,24 +161,40 @@ def test_host_call_is_enabled_only_when_constructor_and_params_agree(
     )
     host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
 
-    assert host_call._enable_host_call is enabled
-    assert (host_call.generate_host_call_hook() is not None) is enabled
-    assert host_call._tensor_names[1:] == (["loss_avg"] if enabled else [])
+    hook = host_call.generate_host_call_hook()
+    assert (hook is not None) is enabled
+    if enabled:  # the global step and loss_avg are outfed
+        assert [(t.dtype, t.shape.as_list()) for t in hook[1]] == [
+            (tf.int64, [1, 1]),
+            (tf.float32, [1, 1]),
+        ]
     warnings = [r for r in caplog.records if "enable_host_call" in r.getMessage()]
     assert bool(warnings) is warns
 
 
-def test_cpu_test_needs_no_context(graph):
-    host_call = make_host_call("/tmp/unused", cpu_test=True)
+def test_cpu_test_caches_in_one_slice_on_the_default_device(graph):
+    make_host_call("/tmp/unused", caching=True, every_n=2, cpu_test=True)
 
-    assert host_call._context is None
+    slices = tf.compat.v1.get_collection("TPU_VAR")
+    assert [(v.op.name, v.device) for v in slices] == [
+        (f"slice_{name}_0_0", "") for name in names.WINDOWS
+    ]
 
 
-def test_the_context_comes_from_params(graph):
-    context = FakeUserContext()
-    host_call = make_host_call("/tmp/unused", cpu_test=False, context=context)
+def test_the_context_from_params_places_the_slices_and_sets_the_replica_count(graph):
+    context = FakeUserContext(num_hosts=1, replicas_per_host=3)
+    host_call = make_host_call(
+        "/tmp/unused", caching=True, every_n=2, top_k=2, cpu_test=False, context=context
+    )
+    host_call.record_summary_tpu_variables()
+    host_fn, tensors = host_call.generate_host_call_hook()
 
-    assert host_call._context is context
+    assert [v.device for v in cached_slices("labels_tpu_variable")] == [
+        f"/task:0/device:TPU:{d}" for d in range(3)
+    ]
+    # The host function expects the context's 3 replicas, not the 1 it got.
+    with pytest.raises(ValueError, match=r"labels_tpu_variable must have shape \[3, 4\]"):
+        host_fn(*tensors)
 
 
 def test_constructor_rejects_params_that_are_not_a_mapping(graph):
@@ -211,6 +234,25 @@ def test_caching_rejects_a_non_positive_top_k(graph, top_k, error):
         make_host_call("/tmp/unused", caching=True, every_n=2, top_k=top_k)
 
 
+@pytest.mark.parametrize(
+    "every_n, error", [(-1, ValueError), (0, ValueError), ("2", TypeError), (1.0, TypeError)]
+)
+def test_without_caching_host_call_every_n_steps_must_be_a_positive_int(graph, every_n, error):
+    with pytest.raises(error, match=rf"host_call_every_n_steps={every_n!r}"):
+        make_host_call("/tmp/unused", every_n=every_n)
+
+
+@pytest.mark.parametrize("top_k, error", [(0, ValueError), (-3, ValueError), ("4", TypeError)])
+def test_without_caching_top_k_must_be_a_positive_int(graph, top_k, error):
+    with pytest.raises(error, match=rf"top_k_sampling_num_per_core={top_k!r}"):
+        make_host_call("/tmp/unused", top_k=top_k)
+
+
+def test_a_disabled_host_call_does_not_check_the_counts_it_never_uses(graph):
+    for caching in (False, True):
+        BaseEmbeddingHostCall("", False, False, True, caching, -3, params(every_n="2"))
+
+
 def test_caching_rejects_a_none_context_outside_cpu_test(graph):
     with pytest.raises(ValueError, match="needs params\\['context'\\].*got context=None"):
         make_host_call("/tmp/unused", caching=True, every_n=2, cpu_test=False, context=None)
@@ -236,30 +278,23 @@ def test_caching_creates_a_resource_slice_per_host_and_replica(graph):
     slices = tf.compat.v1.get_collection("TPU_VAR")
     assert len(slices) == 6 * 4
     assert not set(slices) & set(tf.compat.v1.global_variables())  # not checkpointed
-    labels = host_call._labels_tpu_variable
-    assert isinstance(labels, ReplicatedVariable)
-    assert [(v.op.name, v.device) for v in labels.variables] == [
+    assert [(v.op.name, v.device) for v in cached_slices("labels_tpu_variable")] == [
         (f"slice_labels_tpu_variable_{h}_{d}", f"/job:worker/task:{h}/device:TPU:{d}")
         for h in range(2)
         for d in range(2)
     ]
     assert all(v.op.type == "VarHandleOp" for v in slices)
     shapes = {
-        name: (getattr(host_call, attr).shape.as_list(), getattr(host_call, attr).dtype)
-        for name, attr in [
-            ("labels", "_labels_tpu_variable"),
-            ("uid_buckets", "_uid_buckets_tpu_variable"),
-            ("req_times", "_req_times_tpu_variable"),
-            ("sample_rates", "_sample_rates_tpu_variable"),
-            ("counter", "_accumulated_counter_tpu_variable"),
-        ]
+        name: {(tuple(v.shape.as_list()), v.dtype) for v in cached_slices(name)}
+        for name in names.WINDOWS
     }
     assert shapes == {
-        "labels": ([6], tf.float32),
-        "uid_buckets": ([6], tf.int32),
-        "req_times": ([3], tf.int64),
-        "sample_rates": ([3], tf.float32),
-        "counter": ([], tf.int32),
+        "labels_tpu_variable": {((6,), tf.float32)},
+        "preds_tpu_variable": {((6,), tf.float32)},
+        "uid_buckets_tpu_variable": {((6,), tf.int32)},
+        "req_times_tpu_variable": {((3,), tf.int64)},
+        "sample_rates_tpu_variable": {((3,), tf.float32)},
+        "tpu_variables_accumulated_times": {((), tf.int32)},
     }
     assert len(host_call.tpu_var_restore_hooks) == 6
     assert all(isinstance(h, TPUVariableRestoreHook) for h in host_call.tpu_var_restore_hooks)
@@ -300,14 +335,16 @@ def test_tpu_variables_created_in_a_loop_body_live_in_the_outer_graph(graph):
     loop = tf.while_loop(lambda i: i < 1, body, [tf.constant(0)])
     host_call = created["host_call"]
 
-    for variable in host_call._labels_tpu_variable.variables:
-        assert variable.graph is graph
-        assert variable.op._control_flow_context is None
+    slices = tf.compat.v1.get_collection("TPU_VAR")
+    assert len(slices) == 6 * 2
+    assert all(v.graph is graph for v in slices)
+    # Zeroed and read outside the loop: impossible for a variable of the loop body.
+    (counter, _) = cached_slices("tpu_variables_accumulated_times")
     with tf.compat.v1.Session(config=SOFT_PLACEMENT) as sess:
         for hook in host_call.tpu_var_restore_hooks:
             hook.after_create_session(sess, None)
         sess.run(loop)
-        assert sess.run(host_call._accumulated_counter_tpu_variable.read_value()) == 0
+        assert sess.run(counter) == 0
 
 
 # ------------------------------------------------------------ update_tpu_variables_ops errors
@@ -380,13 +417,19 @@ def test_generate_host_call_hook_rejects_caching_without_recorded_tpu_variables(
 # ------------------------------------------------------------ recording filters
 
 
+def _outfed(host_call):
+    """dtype -> width of the packed tensor the host call outfeeds per core."""
+    return {t.dtype: t.shape.as_list()[1] for t in host_call.generate_host_call_hook()[1]}
+
+
 def test_scalar_metrics_switch_keeps_only_the_auc_inputs(graph):
     host_call = make_host_call("/tmp/unused", scalar_metrics=False)
     host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
     host_call.record_summary_tensor("labels_for_auc_calculation", tf.zeros([4]))
     host_call.record_summary_tensor("uid_bucket", tf.zeros([4], tf.int32))
 
-    assert host_call._tensor_names == ["global_step", "labels_for_auc_calculation", "uid_bucket"]
+    # The labels and uid buckets, without loss_avg.
+    assert _outfed(host_call) == {tf.int64: 1, tf.float32: 4, tf.int32: 4}
 
 
 def test_caching_drops_the_per_step_auc_inputs_but_keeps_the_cached_windows(graph):
@@ -397,7 +440,9 @@ def test_caching_drops_the_per_step_auc_inputs_but_keeps_the_cached_windows(grap
         host_call.record_summary_tensor(name, tf.zeros([2]))
     host_call.record_summary_tpu_variables()
 
-    assert host_call._tensor_names == ["global_step", *behc._TPU_VARIABLE_NAMES]
+    # Only the windows: labels, preds [4], sample rates [2]; uid buckets [4],
+    # counter; global step, request times [2].
+    assert _outfed(host_call) == {tf.int64: 1 + 2, tf.float32: 4 + 4 + 2, tf.int32: 4 + 1}
 
 
 def test_record_summary_tensor_rejects_a_duplicate_name(graph):

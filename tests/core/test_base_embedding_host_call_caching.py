@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 
 from tests.core._host_call_helpers import (
-    SOFT_PLACEMENT,
+    FAST_SESSION,
     FakeUserContext,
+    cached_slices,
     make_host_call,
     parse_payload,
     read_events,
@@ -96,16 +97,15 @@ def test_windows_accumulate_then_restart_at_index_1_with_two_replicas():
         inputs = _placeholders()
         (counter_update,) = host_call.update_tpu_variables_ops(step, **inputs)
         cached = {
-            "labels": host_call._labels_tpu_variable,
-            "preds": host_call._preds_tpu_variable,
-            "uid_buckets": host_call._uid_buckets_tpu_variable,
-            "req_times": host_call._req_times_tpu_variable,
-            "sample_rates": host_call._sample_rates_tpu_variable,
-            "counter": host_call._accumulated_counter_tpu_variable,
+            role: cached_slices(name)
+            for role, name in zip(
+                ["labels", "preds", "uid_buckets", "req_times", "sample_rates", "counter"],
+                [*WINDOW_VARIABLES, "tpu_variables_accumulated_times"],
+            )
         }
-        reads = {name: v.read_value() for name, v in cached.items()}
-        replica_1 = [v.variables[1] for v in cached.values()]
-        creator = tf.compat.v1.train.ChiefSessionCreator(config=SOFT_PLACEMENT)
+        reads = {role: replica_0 for role, (replica_0, _) in cached.items()}
+        replica_1 = [replica_1 for _, replica_1 in cached.values()]
+        creator = tf.compat.v1.train.ChiefSessionCreator(config=FAST_SESSION)
 
         # The counter moves only after the five window writes.
         writes = {
@@ -159,7 +159,7 @@ def test_host_call_reports_each_completed_window_on_one_replica(tmp_path):
         assert [t.shape[0] for t in tensors] == [1, 1, 1]
         host_op = host_fn(*tensors)
         init, flush = writer_init_ops(), writer_flush_ops()
-        creator = tf.compat.v1.train.ChiefSessionCreator(config=SOFT_PLACEMENT)
+        creator = tf.compat.v1.train.ChiefSessionCreator(config=FAST_SESSION)
 
         with tf.compat.v1.train.MonitoredSession(
             creator, hooks=host_call.tpu_var_restore_hooks

@@ -29,6 +29,23 @@ def graph():
         yield g
 
 
+class _Probe(BaseHostCall):
+    """A subclass as `BaseHostCall`'s docstring describes; its host function returns what it got.
+
+    The host function returns `(global_step, {recorded name: tensor})` from
+    `decompress_tensors`, in the order the tensors come back.
+    """
+
+    def generate_host_call_hook(self):
+        self.compress_tensors()
+
+        def host_fn(*args):
+            global_step, tensors = self.decompress_tensors(args)
+            return global_step, dict(zip(self._tensor_names, tensors))
+
+        return host_fn, self._compressed_tensors
+
+
 def _record_all(host_call, replica_id):
     for name, (dtype, value) in RECORDED.items():
         host_call.record_summary_tensor(
@@ -36,11 +53,11 @@ def _record_all(host_call, replica_id):
         )
 
 
-def _replicated_inputs(host_call, replica_id, num_replicas):
+def _replicated_inputs(tensors, replica_id, num_replicas):
     """What TPUEstimator hands the host: each packed tensor concatenated over replicas."""
     with tf.compat.v1.Session() as sess:
         sess.run(tf.compat.v1.global_variables_initializer())
-        rows = [sess.run(host_call._tensors, {replica_id: r}) for r in range(num_replicas)]
+        rows = [sess.run(tensors, {replica_id: r}) for r in range(num_replicas)]
     return [tf.constant(np.concatenate(column, axis=0)) for column in zip(*rows)]
 
 
@@ -75,88 +92,95 @@ def test_plan_packing_rejects_bad_bookkeeping(dtypes, sizes, message):
 
 
 def test_records_the_global_step_first(graph):
-    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_fn, tensors = _Probe("/tmp/unused", enable_host_call=True).generate_host_call_hook()
+    global_step, received = host_fn(*tensors)
+    set_step = tf.compat.v1.assign(tf.compat.v1.train.get_global_step(), 5)
 
-    assert host_call._tensor_names == ["global_step"]
-    assert host_call._tensors[0].shape.as_list() == [1]
+    assert [(t.dtype, t.shape.as_list()) for t in tensors] == [(tf.int64, [1, 1])]
+    with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        sess.run(set_step)
+        step, values = sess.run([global_step, received])
+    assert step == 5
+    assert list(values) == ["global_step"]
+    np.testing.assert_array_equal(values["global_step"], [5])
 
 
 def test_compress_packs_one_row_per_dtype(graph):
-    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call = _Probe("/tmp/unused", enable_host_call=True)
     _record_all(host_call, 0)
 
-    host_call.compress_tensors()
+    _, tensors = host_call.generate_host_call_hook()
 
-    shapes = {t.dtype: t.shape.as_list() for t in host_call._tensors}
-    assert shapes == {
-        tf.int64: [1, 1 + 1],  # global_step, req_time
-        tf.float32: [1, 1 + 2],  # loss_avg, labels
-        tf.int32: [1, 3 + 1],  # ids, count_sum
-        tf.float64: [1, 2],  # weights
-    }
-    assert host_call._tensors[0].dtype == tf.int64  # the global step's dtype first
-    assert [list(g.sizes) for g in host_call._packing] == [[1, 1], [1, 2], [3, 1], [2]]
+    assert [(t.dtype, t.shape.as_list()) for t in tensors] == [
+        (tf.int64, [1, 1 + 1]),  # global_step, req_time: the global step's dtype first
+        (tf.float32, [1, 1 + 2]),  # loss_avg, labels
+        (tf.int32, [1, 3 + 1]),  # ids, count_sum
+        (tf.float64, [1, 2]),  # weights
+    ]
 
 
 @pytest.mark.parametrize("num_replicas", [1, 3])
 def test_decompress_returns_recorded_tensors_in_order_per_replica(graph, num_replicas):
     replica_id = tf.compat.v1.placeholder(tf.int32, [])
-    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call = _Probe("/tmp/unused", enable_host_call=True)
     _record_all(host_call, replica_id)
-    host_call.compress_tensors()
-    inputs = _replicated_inputs(host_call, replica_id, num_replicas)
+    host_fn, tensors = host_call.generate_host_call_hook()
+    inputs = _replicated_inputs(tensors, replica_id, num_replicas)
 
-    global_step, tensors = host_call.decompress_tensors(inputs)
+    global_step, received = host_fn(*inputs)
 
-    assert host_call._tensor_names == ["global_step", *RECORDED]
+    assert list(received) == ["global_step", *RECORDED]
     with tf.compat.v1.Session() as sess:
-        step, values = sess.run([global_step, tensors])
+        step, values = sess.run([global_step, received])
     assert step == 0
-    np.testing.assert_array_equal(values[0], np.zeros([num_replicas]))
-    for (dtype, value), got in zip(RECORDED.values(), values[1:]):
+    np.testing.assert_array_equal(values["global_step"], np.zeros([num_replicas]))
+    for name, (dtype, value) in RECORDED.items():
         expected = np.stack(
             [np.asarray(value, dtype.as_numpy_dtype) + 100 * r for r in range(num_replicas)]
         )
         if expected.ndim == 2 and expected.shape[1] == 1:
             expected = expected[:, 0]  # k == 1: [num_replicas]
-        np.testing.assert_array_equal(got, expected)
-        assert got.dtype == dtype.as_numpy_dtype
+        np.testing.assert_array_equal(values[name], expected)
+        assert values[name].dtype == dtype.as_numpy_dtype
 
 
 @pytest.mark.parametrize("num_replicas", [1, 4])
 def test_decompress_keeps_the_replica_dimension(graph, num_replicas):
-    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call = _Probe("/tmp/unused", enable_host_call=True)
     host_call.record_summary_tensor("scalar", tf.constant(1.0))
     host_call.record_summary_tensor("one", tf.constant([1.0]))
     host_call.record_summary_tensor("vector", tf.constant([1.0, 2.0]))
-    host_call.compress_tensors()
-    inputs = [tf.zeros([num_replicas, t.shape[1]], t.dtype) for t in host_call._tensors]
+    host_fn, tensors = host_call.generate_host_call_hook()
+    inputs = [tf.zeros([num_replicas, t.shape[1]], t.dtype) for t in tensors]
 
-    global_step, tensors = host_call.decompress_tensors(inputs)
+    global_step, received = host_fn(*inputs)
 
     assert global_step.shape.as_list() == []
-    assert [t.shape.as_list() for t in tensors] == [
-        [num_replicas],
-        [num_replicas],
-        [num_replicas],
-        [num_replicas, 2],
-    ]
+    assert {name: t.shape.as_list() for name, t in received.items()} == {
+        "global_step": [num_replicas],
+        "scalar": [num_replicas],
+        "one": [num_replicas],
+        "vector": [num_replicas, 2],
+    }
 
 
 def test_disabled_host_call_records_nothing_and_has_no_hook(graph):
-    host_call = BaseHostCall("/tmp/unused", enable_host_call=False)
+    host_call = _Probe("/tmp/unused", enable_host_call=False)
     host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
     host_call.record_summary_tensor("loss_avg", tf.constant([[1.0]]))  # not even checked
 
-    assert host_call._tensor_names == ["global_step"]
-    assert host_call.generate_host_call_hook() is None
+    host_fn, tensors = host_call.generate_host_call_hook()
+    assert list(host_fn(*tensors)[1]) == ["global_step"]
+    assert BaseHostCall("/tmp/unused", enable_host_call=False).generate_host_call_hook() is None
 
 
 def test_enabled_host_call_records_a_vector_of_static_length(graph):
-    host_call = BaseHostCall("/tmp/unused", enable_host_call=True)
+    host_call = _Probe("/tmp/unused", enable_host_call=True)
     host_call.record_summary_tensor("v", tf.zeros([5]))
 
-    assert host_call._tensors[1].shape.as_list() == [5]
+    host_fn, tensors = host_call.generate_host_call_hook()
+    assert host_fn(*tensors)[1]["v"].shape.as_list() == [1, 5]
 
 
 # ------------------------------------------------------------ user errors

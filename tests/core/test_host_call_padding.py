@@ -19,10 +19,11 @@ import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
 from monolith.core import testing
-from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
-from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, append_stopping_signals
+from monolith.core.stopping_signals import append_stopping_signals
+from tests.core._ctr_model import make_model_fn
 from tests.core._host_call_helpers import (
     build_replicated_host_call,
+    cached_slices,
     exact_auc,
     make_host_call,
     parse_payload,
@@ -69,60 +70,17 @@ def _endless_padded_input_fn(params):
 
 
 def _make_model_fn(caching: bool):
-    def model_fn(features, labels, mode, params):
-        padding = features[USER_PROVIDED_SIGNAL_NAME]
-        weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
-        logits = tf.reduce_sum(features["x"] * weights, axis=1)
-        preds = tf.where(padding, tf.fill([BATCH], PADDING_SCORE), tf.sigmoid(logits))
-        real = 1.0 - tf.cast(padding, tf.float32)
-        loss = tf.reduce_sum(
-            real * tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
-        ) / tf.maximum(tf.reduce_sum(real), 1.0)
-        global_step = tf.compat.v1.train.get_global_step()
-        optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.5)
-        host_call = BaseEmbeddingHostCall(
-            params["model_dir"],
-            enable_host_call=True,
-            enable_deepinsight=True,
-            enable_host_call_scalar_metrics=True,
-            enable_caching_with_tpu_var_mode=caching,
-            top_k_sampling_num_per_core=BATCH,
-            params={
-                "enable_host_call": True,
-                "cpu_test": True,
-                "host_call_every_n_steps": EVERY_N if caching else 1,
-            },
-        )
-        host_call.record_summary_tensor("stopping_signals", padding)
-        host_call.record_summary_tensor("loss_avg", loss)
-        if caching:
-            # The window restarts at global steps 1, 4, 7, ...: the host call (every
-            # EVERY_N steps, from the first) sees steps 0; 1-3; 4-6; ...
-            updates = host_call.update_tpu_variables_ops(
-                tf.identity(global_step),
-                labels,
-                preds,
-                features["uid_bucket"],
-                tf.constant([7], tf.int64),
-                tf.constant([1.0]),
-            )
-            with tf.control_dependencies(updates):
-                train_op = optimizer.minimize(loss, global_step)
-                host_call.record_summary_tpu_variables()
-        else:
-            train_op = optimizer.minimize(loss, global_step)
-            host_call.record_summary_tensor("labels_for_auc_calculation", labels)
-            host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
-            host_call.record_summary_tensor("uid_bucket", features["uid_bucket"])
-        return tpu_estimator.TPUEstimatorSpec(
-            mode,
-            loss=loss,
-            train_op=train_op,
-            host_call=host_call.generate_host_call_hook(),
-            training_hooks=host_call.tpu_var_restore_hooks,
-        )
+    """Scores padding examples PADDING_SCORE and records the padding flag.
 
-    return model_fn
+    With caching the window restarts at global steps 1, 4, 7, ...: the host
+    call (every EVERY_N steps, from the first) sees steps 0; 1-3; 4-6; ...
+    """
+    return make_model_fn(
+        caching=caching,
+        every_n=EVERY_N if caching else 1,
+        record_padding_flag=True,
+        padding_score=PADDING_SCORE,
+    )
 
 
 def _payload(events, tag):
@@ -171,7 +129,6 @@ def test_tpuestimator_auc_leaves_out_padding_examples(tmp_path):
         ),
         use_tpu=False,
         train_batch_size=BATCH,
-        params={"model_dir": model_dir},
     )
     estimator.train(_finite_padded_input_fn)
 
@@ -187,7 +144,6 @@ def test_emulated_loop_auc_leaves_out_padding_examples(tmp_path):
         _endless_padded_input_fn,
         model_dir=model_dir,
         iterations_per_loop=5,
-        params={"model_dir": model_dir},
     )
 
     assert result.steps_run == 20  # 16 real steps and 4 padding steps
@@ -202,7 +158,6 @@ def test_emulated_loop_caching_auc_leaves_out_padding_examples(tmp_path):
         model_dir=model_dir,
         iterations_per_loop=6,
         outfeed_every_n_steps=EVERY_N,
-        params={"model_dir": model_dir},
     )
 
     # The feed hook sees the stop flag only at outfeed steps: one more loop runs.
@@ -248,27 +203,20 @@ def test_padding_examples_stay_out_of_the_auc_payloads_and_averages(
 ):
     logdir = str(tmp_path)
     flags = [tf.compat.v1.placeholder(dtype, [len(first_flags[r])]) for r in range(num_replicas)]
-    host_calls = []
 
     def record(host_call, replica):
-        host_calls.append(host_call)
         host_call.record_summary_tensor("labels_for_auc_calculation", tf.constant(LABELS[replica]))
         host_call.record_summary_tensor("y_pred_for_auc_calculation", tf.constant(PREDS[replica]))
         host_call.record_summary_tensor("uid_bucket", tf.constant(BUCKETS[replica], tf.int32))
         host_call.record_summary_tensor("stopping_signals", flags[replica])
 
     _, host_op = build_replicated_host_call(lambda: make_host_call(logdir), record, num_replicas)
-    steps = [h._global_step_read[0].outputs[0] for h in host_calls]
 
-    def feed(step, flag_values):
-        result = {s: step for s in steps}
-        result.update(
-            {f: np.asarray(v).astype(dtype.as_numpy_dtype) for f, v in zip(flags, flag_values)}
-        )
-        return result
+    def feed(flag_values):
+        return {f: np.asarray(v).astype(dtype.as_numpy_dtype) for f, v in zip(flags, flag_values)}
 
     clear = [np.zeros_like(f) for f in first_flags]
-    run_host_call([host_op], [feed(STEP, first_flags), feed(STEP + 1, clear)])
+    run_host_call([host_op], [feed(first_flags), feed(clear)], global_steps=[STEP, STEP + 1])
 
     events = read_events(logdir + "/host_call")
     first = (_real(LABELS, first_flags, num_replicas), _real(PREDS, first_flags, num_replicas))
@@ -325,8 +273,9 @@ def test_caching_caches_padding_examples_with_an_unsampled_uid_bucket(graph, tmp
         tf.zeros([1]),
     )
     with tf.compat.v1.Session() as sess:
-        sess.run([h._op for h in host_call.tpu_var_restore_hooks])
+        for hook in host_call.tpu_var_restore_hooks:
+            hook.after_create_session(sess, None)
         sess.run(updates)
-        cached = sess.run(host_call._uid_buckets_tpu_variable.read_value())
+        (cached,) = sess.run(cached_slices("uid_buckets_tpu_variable"))
 
     assert cached.tolist() == [1, 1000, 3, 1000, 0, 0, 0, 0]

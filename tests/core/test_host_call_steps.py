@@ -22,9 +22,14 @@ import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
 from monolith.core import testing
-from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
-from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, append_stopping_signals
-from tests.core._host_call_helpers import read_events, run_host_call
+from monolith.core.stopping_signals import append_stopping_signals
+from tests.core._ctr_model import make_model_fn
+from tests.core._host_call_helpers import (
+    global_step_read_op,
+    make_host_call,
+    read_events,
+    run_host_call,
+)
 from tests.core._simulated_tpu_helpers import build_on_simulated_tpu, topology
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,46 +45,17 @@ def _dataset(num_batches):
 
 
 def _host_call(model_dir):
-    return BaseEmbeddingHostCall(
-        model_dir,
-        enable_host_call=True,
-        enable_deepinsight=False,
-        enable_host_call_scalar_metrics=True,
-        enable_caching_with_tpu_var_mode=False,
-        top_k_sampling_num_per_core=BATCH,
-        params={"enable_host_call": True, "cpu_test": True, "host_call_every_n_steps": 1},
-    )
+    return make_host_call(model_dir, top_k=BATCH, deepinsight=False)
 
 
 def _make_model_fn(skip_padding=False, record_flag=False):
-    """A linear model; `skip_padding`: the global step advances on real steps only."""
-
-    def model_fn(features, labels, mode, params):
-        weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
-        loss = tf.reduce_mean(tf.square(tf.reduce_sum(features["x"] * weights, -1) - labels))
-        global_step = tf.compat.v1.train.get_global_step()
-        optimizer = tf.compat.v1.train.GradientDescentOptimizer(1e-3)
-        if skip_padding:
-            padding = tf.reduce_any(features[USER_PROVIDED_SIGNAL_NAME])
-            with tf.control_dependencies([optimizer.minimize(loss)]):
-                # Like skip_padding_steps: a conditional that advances the step.
-                train_op = tf.cond(
-                    padding,
-                    lambda: tf.identity(global_step),
-                    lambda: global_step.assign_add(1, read_value=True),
-                )
-        else:
-            train_op = optimizer.minimize(loss, global_step)
-        # Built after the train op, as in README's model_fn.
-        host_call = _host_call(params["model_dir"])
-        host_call.record_summary_tensor("loss_avg", loss)
-        if record_flag:
-            host_call.record_summary_tensor("stopping_signals", features[USER_PROVIDED_SIGNAL_NAME])
-        return tpu_estimator.TPUEstimatorSpec(
-            mode, loss=loss, train_op=train_op, host_call=host_call.generate_host_call_hook()
-        )
-
-    return model_fn
+    """Records loss_avg; `skip_padding`: the global step advances on real steps only."""
+    return make_model_fn(
+        auc_inputs=False,
+        deepinsight=False,
+        skip_padding=skip_padding,
+        record_padding_flag=record_flag,
+    )
 
 
 def _logged_steps(model_dir, tag="loss_avg"):
@@ -108,9 +84,9 @@ def test_the_global_step_read_runs_before_the_optimizer_increments_it(host_call_
         if not host_call_first:
             host_call = _host_call("/tmp/unused")
         host_call.record_summary_tensor("loss_avg", loss)
-        host_call.generate_host_call_hook()
+        _, tensors = host_call.generate_host_call_hook()
 
-        read_op = host_call._global_step_read[0]
+        read_op = global_step_read_op(tensors)
         increments = [
             op
             for op in tf.compat.v1.get_default_graph().get_operations()
@@ -133,7 +109,6 @@ def test_tpuestimator_logs_each_step_once_under_its_number(tmp_path):
         ),
         use_tpu=False,
         train_batch_size=BATCH,
-        params={"model_dir": model_dir},
     )
     estimator.train(lambda params: _dataset(STEPS))
 
@@ -148,7 +123,6 @@ def test_emulated_loop_logs_each_step_once_under_its_number(tmp_path):
         lambda params: append_stopping_signals(_dataset(STEPS)),
         model_dir=model_dir,
         iterations_per_loop=50,
-        params={"model_dir": model_dir},
     )
 
     steps = _logged_steps(model_dir)
@@ -168,7 +142,6 @@ def test_steps_that_do_not_advance_the_global_step_get_the_next_free_numbers(tmp
         lambda params: append_stopping_signals(_dataset(REAL_STEPS)),
         model_dir=model_dir,
         iterations_per_loop=6,
-        params={"model_dir": model_dir},
     )
 
     assert result.steps_run == REAL_STEPS + 2  # 2 padding steps
@@ -191,27 +164,7 @@ def _tpu_input_fn(params):
 def test_in_the_tpu_step_the_read_runs_before_the_increment(tmp_path, num_hosts, cores_per_host):
     """On the simulated TPU system: the increment inside the TPU loop waits for the read."""
     seen = {}
-
-    def model_fn(features, labels, mode, params):
-        weights = tf.compat.v1.get_variable("w", [DIM], initializer=tf.zeros_initializer())
-        loss = tf.reduce_mean(tf.square(tf.reduce_sum(features["x"] * weights, -1) - labels))
-        host_call = BaseEmbeddingHostCall(
-            params["model_dir"],
-            enable_host_call=True,
-            enable_deepinsight=False,
-            enable_host_call_scalar_metrics=True,
-            enable_caching_with_tpu_var_mode=False,
-            top_k_sampling_num_per_core=BATCH,
-            params=dict(params, enable_host_call=True, cpu_test=False, host_call_every_n_steps=1),
-        )
-        host_call.record_summary_tensor("loss_avg", loss)
-        optimizer = tf.compat.v1.tpu.CrossShardOptimizer(
-            tf.compat.v1.train.GradientDescentOptimizer(0.1)
-        )
-        train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
-        hook = host_call.generate_host_call_hook()
-        seen["read"] = host_call._global_step_read[0].name
-        return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op, host_call=hook)
+    model_fn = make_model_fn(on_tpu=True, auc_inputs=False, deepinsight=False, seen=seen)
 
     model_dir = str(tmp_path)
     built = build_on_simulated_tpu(
@@ -221,8 +174,8 @@ def test_in_the_tpu_step_the_read_runs_before_the_increment(tmp_path, num_hosts,
         cores_per_host,
         model_dir=model_dir,
         per_replica_batch=BATCH,
-        params={"model_dir": model_dir},
     )
+    read = global_step_read_op(seen["host_call_tensors"]).name
 
     graph = built.graph
     nodes = [op.node_def for op in graph.get_operations()]
@@ -230,9 +183,7 @@ def test_in_the_tpu_step_the_read_runs_before_the_increment(tmp_path, num_hosts,
         nodes.extend(function.node_def)
     increments = [n for n in nodes if n.op in ("AssignAddVariableOp", "AssignAdd")]
     assert increments
-    assert all(f"^{seen['read']}" in list(n.input) for n in increments), [
-        list(n.input) for n in increments
-    ]
+    assert all(f"^{read}" in list(n.input) for n in increments), [list(n.input) for n in increments]
 
 
 def test_host_numbers_are_the_read_step_or_the_next_free_number(tmp_path):
@@ -244,7 +195,6 @@ def test_host_numbers_are_the_read_step_or_the_next_free_number(tmp_path):
         host_call.record_summary_tensor("loss_avg", tf.constant(1.0))
         host_fn, tensors = host_call.generate_host_call_hook()
         host_op = host_fn(*tensors)
-        read = host_call._global_step_read[0].outputs[0]
-        run_host_call([host_op], [{read: step} for step in (5, 5, 5, 9, 9, 12)])
+        run_host_call([host_op], global_steps=[5, 5, 5, 9, 9, 12])
 
     assert _logged_steps(logdir) == [5, 6, 7, 9, 10, 12]

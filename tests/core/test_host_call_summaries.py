@@ -229,6 +229,18 @@ def test_logged_auc_includes_the_writing_call_and_accumulates_over_calls(graph, 
     assert aucs == [pytest.approx(1.0), pytest.approx(exact_auc(*both))]
 
 
+def test_the_host_function_runs_only_the_summaries_written_in_it(graph, logdir):
+    with tf.summary.create_file_writer(logdir + "/other").as_default():
+        tf.summary.scalar("outside", 1.0, step=0)
+    host_call = make_host_call(logdir)
+    host_call.record_summary_tensor("loss_avg", tf.constant(2.0))
+    host_fn, tensors = host_call.generate_host_call_hook()
+    run_host_call([host_fn(*tensors)])
+
+    assert _scalars(_events(logdir), "loss_avg") == [(GLOBAL_STEP, 2.0)]
+    assert read_events(logdir + "/other") == {}
+
+
 def test_serialize_messages_writes_the_first_sample_rate_and_request_time(graph, logdir):
     host_call = make_host_call(logdir)
     writer = tf.summary.create_file_writer(logdir + "/host_call")
@@ -313,10 +325,9 @@ caching_setups = pytest.mark.parametrize(
 def test_caching_host_call_reads_only_the_used_part_of_the_windows(
     graph, logdir, how, num_replicas
 ):
-    host_call, host_op = build_replicated_host_call(
+    _, host_op = build_replicated_host_call(
         lambda: _caching_host_call(logdir, how), _record_windows(), num_replicas
     )
-    assert host_call._host_call_with_tpu.__name__ == "_host_call_with_tpu"
     run_host_call([host_op])
 
     events = _events(logdir)

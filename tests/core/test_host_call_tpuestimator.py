@@ -1,7 +1,7 @@
 """The host call in a real TPUEstimator(use_tpu=False) run, and its scalars in TensorBoard.
 
-With `use_tpu=False` TPUEstimator passes no `params["context"]` (so the model
-sets `cpu_test`), calls the host function on the `[1, N]` tensors directly,
+With `use_tpu=False` TPUEstimator passes no `params["context"]` (so the model,
+`_ctr_model`'s, sets `cpu_test`), calls the host function on the `[1, N]` tensors directly,
 and runs it with every train step (`_OutfeedHostCallHook`), initializing and
 flushing the summary writer around the run.
 """
@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
-from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
+from tests.core._ctr_model import make_model_fn
 from tests.core._host_call_helpers import exact_auc, parse_payload, read_events
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,51 +54,18 @@ def _input_fn(params):
     return dataset.batch(params["batch_size"], drop_remainder=True)
 
 
-def _model_fn(features, labels, mode, params, config):
-    weights = tf.compat.v1.get_variable("w", [DIM, 1], initializer=tf.zeros_initializer())
-    logits = tf.matmul(features["x"], weights)[:, 0]
-    preds = tf.sigmoid(logits)
-    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
-    train_op = tf.compat.v1.train.GradientDescentOptimizer(0.5).minimize(
-        loss, global_step=tf.compat.v1.train.get_global_step()
-    )
-    host_call = BaseEmbeddingHostCall(
-        config.model_dir,
-        enable_host_call=True,
-        enable_deepinsight=True,
-        enable_host_call_scalar_metrics=True,
-        enable_caching_with_tpu_var_mode=False,
-        top_k_sampling_num_per_core=params["batch_size"],
-        params=params,
-    )
-    host_call.record_summary_tensor("labels_for_auc_calculation", labels)
-    host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)
-    host_call.record_summary_tensor("uid_bucket", features["uid_bucket"])
-    host_call.record_summary_tensor("req_time", features["req_time"][:1])
-    host_call.record_summary_tensor("sample_rate", tf.constant([1.0]))
-    host_call.record_summary_tensor("loss_avg", loss)
-    return tpu_estimator.TPUEstimatorSpec(
-        mode,
-        loss=loss,
-        train_op=train_op,
-        host_call=host_call.generate_host_call_hook(),
-        training_hooks=host_call.tpu_var_restore_hooks,
-    )
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """Trains once over the finite stream; returns the model directory."""
     directory = str(tmp_path_factory.mktemp("tpuestimator_host_call"))
     estimator = tpu_estimator.TPUEstimator(
-        model_fn=_model_fn,
+        model_fn=make_model_fn(),
         config=tpu_config.RunConfig(
             model_dir=directory,
             tpu_config=tpu_config.TPUConfig(iterations_per_loop=4),
         ),
         use_tpu=False,
         train_batch_size=BATCH,
-        params={"enable_host_call": True, "cpu_test": True, "host_call_every_n_steps": 1},
     )
     estimator.train(_input_fn)
     return directory
@@ -173,7 +140,11 @@ def _poll_json(url, steps, deadline, process, log_path):
 
 
 @pytest.mark.timeout(150)
-def test_tensorboard_serves_the_host_call_scalars(model_dir, tmp_path):
+def test_tensorboard_serves_the_host_call_scalars(tf_behavior, model_dir, tmp_path):
+    if tf_behavior != "v2":
+        # TensorBoard, a new process, reads the files whatever wrote them; the v1
+        # pass checks its own event files with the tests above.
+        pytest.skip("TensorBoard reads event files the same way: covered by the TF2 pass")
     events = read_events(os.path.join(model_dir, "host_call"))
     tags = ("auc", "loss_avg")
     written_steps = {tag: sorted(step for step, _ in events[tag]) for tag in tags}

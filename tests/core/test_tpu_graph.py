@@ -1,13 +1,14 @@
 """The full TPUEstimator(use_tpu=True) training graph, built on CPU for a simulated TPU.
 
-An embedding (CTR) model with `BaseEmbeddingHostCall` and the end-of-stream
-feed hook is built by TPUEstimator for 1 host x 8 cores and 2 hosts x 4 cores,
-with and without caching metrics in TPU variables; the run stops right after
-the feed hook's `begin()` (`simulated_tpu.build_tpu_training_graph`), so no
-session or TPU is needed. The tests then read the graph: the hook TPUEstimator
-constructed, the stopping signal's way from the TPU step through the outfeed
-to the hook, the per-core slices of the cached variables and the replicated
-handles the step uses, and the host call built on the host.
+A CTR model recording its metrics with `BaseEmbeddingHostCall` (the tests'
+one, `_ctr_model`) and the end-of-stream feed hook are built by TPUEstimator
+for 1 host x 8 cores and 2 hosts x 4 cores, with and without caching metrics
+in TPU variables; the run stops right after the feed hook's `begin()`
+(`simulated_tpu.build_tpu_training_graph`), so no session or TPU is needed.
+The tests then read the graph: the hook TPUEstimator constructed, the stopping
+signal's way from the TPU step through the outfeed to the hook, the per-core
+slices of the cached variables and the replicated handles the step uses, and
+the host call built on the host.
 
 The TPU step lives in the graph's function library in TF2 behaviour (while_v2
 bodies) and in the graph itself in v1 behaviour: the helpers search both.
@@ -24,7 +25,6 @@ from tensorflow.python.framework import tensor_util
 from tensorflow_estimator.python.estimator.tpu import (
     error_handling,
     tpu_context,
-    tpu_estimator,
 )
 
 from monolith.core import simulated_tpu
@@ -32,13 +32,14 @@ from monolith.core.auto_checkpoint_feed_hook import (
     _USER_PROVIDED_SIGNAL_NAME,
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
-from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import append_stopping_signals
+from tests.core._ctr_model import make_model_fn
+from tests.core._host_call_helpers import RecordingSession
 from tests.core._simulated_tpu_helpers import build_on_simulated_tpu, topology
 
 pytestmark = pytest.mark.timeout(120)
 
-VOCAB, DIM = 50, 4
+VOCAB = 50
 PER_REPLICA_BATCH = 4
 TOP_K = 2  # top_k_sampling_num_per_core
 EVERY_N = 2  # host_call_every_n_steps (caching needs > 1)
@@ -58,7 +59,7 @@ caching_modes = pytest.mark.parametrize("caching", [False, True], ids=["plain", 
 def _example(i):
     i32 = tf.cast(i, tf.int32)
     features = {
-        "ids": tf.stack([i32 % VOCAB, (i32 * 7) % VOCAB]),
+        "x": tf.cast(tf.stack([i32 % VOCAB, (i32 * 7) % VOCAB]), tf.float32) / VOCAB,
         "uid_bucket": i32 % 1000,
         "req_time": 1_700_000_000 + i,
         "sample_rate": tf.constant(0.5),
@@ -70,65 +71,6 @@ def _input_fn(params):
     batch = params["batch_size"]
     dataset = tf.data.Dataset.range(batch * 3).map(_example).batch(batch, drop_remainder=True)
     return append_stopping_signals(dataset)
-
-
-def _make_model_fn(caching, seen):
-    """An embedding + dense CTR model recording its metrics with BaseEmbeddingHostCall."""
-
-    def model_fn(features, labels, mode, params):
-        embedding = tf.compat.v1.get_variable("embedding", [VOCAB, DIM])
-        dense = tf.compat.v1.get_variable("dense", [DIM, 1])
-        pooled = tf.reduce_sum(tf.nn.embedding_lookup(embedding, features["ids"]), axis=1)
-        logits = tf.matmul(pooled, dense)[:, 0]
-        preds = tf.sigmoid(logits)
-        real = 1.0 - tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.float32)
-        losses = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
-        loss = tf.reduce_sum(real * losses) / tf.maximum(tf.reduce_sum(real), 1.0)
-        global_step = tf.compat.v1.train.get_global_step()
-
-        host_call = BaseEmbeddingHostCall(
-            output_dir=params["model_dir"],
-            enable_host_call=True,
-            enable_deepinsight=True,
-            enable_host_call_scalar_metrics=True,
-            enable_caching_with_tpu_var_mode=caching,
-            top_k_sampling_num_per_core=TOP_K,
-            params=dict(
-                params, enable_host_call=True, cpu_test=False, host_call_every_n_steps=EVERY_N
-            ),
-        )
-        sampled = {
-            "labels": labels[:TOP_K],
-            "preds": preds[:TOP_K],
-            "uid_buckets": features["uid_bucket"][:TOP_K],
-            "req_times": features["req_time"][:1],
-            "sample_rates": features["sample_rate"][:1],
-        }
-        host_call.record_summary_tensor("labels_for_auc_calculation", sampled["labels"])
-        host_call.record_summary_tensor("y_pred_for_auc_calculation", sampled["preds"])
-        host_call.record_summary_tensor("uid_bucket", sampled["uid_buckets"])
-        host_call.record_summary_tensor("req_time", sampled["req_times"])
-        host_call.record_summary_tensor("sample_rate", sampled["sample_rates"])
-        host_call.record_summary_tensor("loss_avg", loss)
-        update_ops = []
-        if caching:
-            update_ops = host_call.update_tpu_variables_ops(global_step, **sampled)
-            host_call.record_summary_tpu_variables()
-        optimizer = tf.compat.v1.tpu.CrossShardOptimizer(
-            tf.compat.v1.train.GradientDescentOptimizer(0.1)
-        )
-        with tf.control_dependencies(update_ops):
-            train_op = optimizer.minimize(loss, global_step=global_step)
-        seen.update(host_call=host_call, context=params["context"], update_ops=update_ops)
-        return tpu_estimator.TPUEstimatorSpec(
-            mode,
-            loss=loss,
-            train_op=train_op,
-            host_call=host_call.generate_host_call_hook(),
-            training_hooks=host_call.tpu_var_restore_hooks,
-        )
-
-    return model_fn
 
 
 _Built = collections.namedtuple("_Built", "graph_build seen every_n model_dir")
@@ -145,14 +87,16 @@ def build_graph(tmp_path_factory):
             model_dir = str(tmp_path_factory.mktemp("tpu_graph"))
             every_n = EVERY_N if caching else 1
             seen = {}
+            model_fn = make_model_fn(
+                on_tpu=True, caching=caching, every_n=every_n, top_k=TOP_K, seen=seen
+            )
             built = build_on_simulated_tpu(
-                _make_model_fn(caching, seen),
+                model_fn,
                 _input_fn,
                 num_hosts,
                 cores_per_host,
                 model_dir=model_dir,
                 per_replica_batch=PER_REPLICA_BATCH,
-                params={"model_dir": model_dir},
                 experimental_host_call_every_n_steps=every_n,
             )
             cache[key] = _Built(built, seen, every_n, model_dir)
@@ -303,10 +247,14 @@ def test_tpuestimator_constructs_and_begins_our_feed_hook(
     assert isinstance(kwargs["rendezvous"], error_handling.ErrorRendezvous)
     assert kwargs["master"] == simulated_tpu.SIMULATED_MASTER
     assert kwargs["outfeed_every_n_steps"] == built.every_n
-    # begin() ran: the hook holds TPUEstimator's iterations_per_loop variable.
+    # begin() ran: it created TPUEstimator's iterations_per_loop variable and,
+    # since this TPU is initialized at session creation, the op shutting it down.
     loop_vars = graph_build.graph.get_collection("tpu_estimator_iterations_per_loop")
-    assert loop_vars == [graph_build.feed_hook._iterations_per_loop_var]
-    assert graph_build.feed_hook._should_initialize_tpu
+    assert len(loop_vars) == 1
+    shutdowns = [
+        op for op in graph_build.graph.get_operations() if op.type == "ShutdownDistributedTPU"
+    ]
+    assert len(shutdowns) == 1
     # One replicated step over every core; no session ever ran.
     metadata_ops = [
         op for op in graph_build.graph.get_operations() if op.type == "TPUReplicateMetadata"
@@ -427,7 +375,10 @@ def test_caching_restore_hooks_zero_every_slice_of_every_cached_variable(
     assert all(isinstance(h, tf.compat.v1.train.SessionRunHook) for h in hooks)
     assigned = set()
     for hook in hooks:
-        assigns = _grouped_ops(hook._op)
+        session = RecordingSession()
+        hook.after_create_session(session, None)
+        (fetched,) = session.fetched
+        assigns = _grouped_ops(fetched)
         assert {op.type for op in assigns} == {"AssignVariableOp"}
         assert not any(_in_tpu_step(op) for op in assigns)  # run by the hook, not the step
         assigned |= {op.inputs[0].op.name for op in assigns}

@@ -21,6 +21,7 @@ from monolith.core import simulated_tpu, testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook as Hook,
 )
+from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.common.validation import positive_int
 from monolith.core.stopping_signals import append_stopping_signals
 from monolith.core.testing import FakeTPUContext
@@ -82,6 +83,25 @@ def _stopping_signals(batch_size):
         append_stopping_signals(dataset, batch_size=batch_size)
 
 
+def _host_call(**kwargs):
+    with tf.Graph().as_default():
+        tf.compat.v1.train.get_or_create_global_step()
+        args = {"top_k_sampling_num_per_core": 4, "host_call_every_n_steps": 1, **kwargs}
+        BaseEmbeddingHostCall(
+            "/tmp/unused",
+            True,
+            False,
+            True,
+            False,
+            args["top_k_sampling_num_per_core"],
+            {
+                "enable_host_call": True,
+                "cpu_test": True,
+                "host_call_every_n_steps": args["host_call_every_n_steps"],
+            },
+        )
+
+
 def _trained_batches(batches_per_step):
     with tf.Graph().as_default():
         tf.compat.v1.train.get_or_create_global_step()
@@ -102,6 +122,8 @@ _ENTRY_POINTS = {
     "feed hook(outfeed_every_n_steps)": _feed_hook,
     "append_stopping_signals(batch_size)": _stopping_signals,
     "skip_trained_batches(batches_per_step)": _trained_batches,
+    "host call(host_call_every_n_steps)": lambda v: _host_call(host_call_every_n_steps=v),
+    "host call(top_k_sampling_num_per_core)": lambda v: _host_call(top_k_sampling_num_per_core=v),
 }
 _ARGUMENT = {
     "simulated_tpu_metadata(num_hosts)": "num_hosts",
@@ -111,6 +133,8 @@ _ARGUMENT = {
     "feed hook(outfeed_every_n_steps)": "outfeed_every_n_steps",
     "append_stopping_signals(batch_size)": "batch_size",
     "skip_trained_batches(batches_per_step)": "batches_per_step",
+    "host call(host_call_every_n_steps)": "host_call_every_n_steps",
+    "host call(top_k_sampling_num_per_core)": "top_k_sampling_num_per_core",
 }
 
 

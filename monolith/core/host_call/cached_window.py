@@ -3,41 +3,48 @@
 In caching mode the host call runs every `host_call_every_n_steps` steps. Each
 step appends its `top_k` labels, predictions and uid buckets (and one
 request time and sample rate) to per-core TPU variables, and the host call
-reads the used part of the window. This module builds those variables (one
-zeroed resource variable per host and replica, wrapped as a
-`ReplicatedVariable`, not checkpointed), the update ops of a step (in the TPU
-step), and the used part of the window the host function receives.
+reads the used part of the window. This module holds the pieces of that
+cycle: the per-core slices of one variable (one zeroed resource variable per
+host and replica, wrapped as a `ReplicatedVariable`, not checkpointed), the
+pure arithmetic of a step's update, and the used part of the window the host
+function receives.
+
+`BaseEmbeddingHostCall` keeps the original's overridable methods in the
+loop: it creates each variable through its `_create_tpu_var`, and
+`update_ops` clears and adds through the `clear_value_at_index_1` and
+`compute_new_value` callables it is given (the host call's
+`_clear_value_at_index_1` and `_compute_new_value`), so a subclass that
+overrides one of them changes the update as in the original.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
 
+from monolith.core.host_call import names as _names
 from monolith.core.host_call import tensor_checks as _tensor_checks
 from monolith.core.tpu_variable import ReplicatedVariable
 
-LABELS = "labels_tpu_variable"
-PREDS = "preds_tpu_variable"
-UID_BUCKETS = "uid_buckets_tpu_variable"
-REQ_TIMES = "req_times_tpu_variable"
-SAMPLE_RATES = "sample_rates_tpu_variable"
-COUNTER = "tpu_variables_accumulated_times"
-#: Recording (and host-call) order of the window's variables.
-VARIABLE_NAMES = (LABELS, PREDS, UID_BUCKETS, REQ_TIMES, SAMPLE_RATES, COUNTER)
 TPU_VAR_COLLECTION = "TPU_VAR"
 
-# Per step: (argument of update_tpu_variables_ops, its variable, dtype, per-example?).
-_STEP_VALUES = (
-    ("labels", LABELS, tf.float32, True),
-    ("preds", PREDS, tf.float32, True),
-    ("uid_buckets", UID_BUCKETS, tf.int32, True),
-    ("req_times", REQ_TIMES, tf.int64, False),
-    ("sample_rates", SAMPLE_RATES, tf.float32, False),
+# Per step: (argument of update_tpu_variables_ops, its variable, dtype, per-example?),
+# in the original's update order.
+STEP_VALUES = (
+    ("labels", _names.LABELS_TPU_VARIABLE, tf.float32, True),
+    ("preds", _names.PREDS_TPU_VARIABLE, tf.float32, True),
+    ("uid_buckets", _names.UID_BUCKETS_TPU_VARIABLE, tf.int32, True),
+    ("req_times", _names.REQ_TIMES_TPU_VARIABLE, tf.int64, False),
+    ("sample_rates", _names.SAMPLE_RATES_TPU_VARIABLE, tf.float32, False),
 )
+
+#: `(variable, dtype, index) -> its value, or zeros at index 1` (`_clear_value_at_index_1`).
+ClearFn = Callable[[Any, tf.DType, Any], Any]
+#: `(old value, delta, offset) -> new value` (`_compute_new_value`).
+ComputeFn = Callable[[Any, Any, Any], Any]
 
 
 class TPUVariableRestoreHook(tf.compat.v1.train.SessionRunHook):
@@ -175,7 +182,7 @@ def check_step_values(top_k: int, every_n: int, **values: Any) -> Dict[str, tf.T
       TypeError: On a wrong dtype.
     """
     checked = {}
-    for arg_name, _, dtype, per_example in _STEP_VALUES:
+    for arg_name, _, dtype, per_example in STEP_VALUES:
         value = values[arg_name]
         _tensor_checks.check_not_none(arg_name, value)
         tensor = tf.convert_to_tensor(value)
@@ -196,114 +203,111 @@ def check_step_values(top_k: int, every_n: int, **values: Any) -> Dict[str, tf.T
     return checked
 
 
+def update_ops(
+    global_step: Any,
+    variables: Mapping[str, Any],
+    checked: Mapping[str, tf.Tensor],
+    *,
+    top_k: int,
+    every_n: int,
+    clear_value_at_index_1: ClearFn,
+    compute_new_value: ComputeFn,
+) -> List[tf.Operation]:
+    """Ops appending one step's checked values (`check_step_values`) to the window.
+
+    As the original's `update_tpu_variables_ops`: at steps with
+    `global_step % every_n == 1` each variable's value is cleared first
+    (`clear_value_at_index_1(variable, dtype, index)`, the counter first);
+    the values are added at `counter * top_k` (`counter` for request times
+    and sample rates) by `compute_new_value(old, delta, offset)`, and the
+    counter is incremented only after those writes.
+
+    Args:
+      global_step: Integer scalar.
+      variables: Each window's name (`names.WINDOWS`) -> its variable.
+      checked: `check_step_values`' result.
+      top_k: Examples cached per core and step.
+      every_n: Steps per window.
+      clear_value_at_index_1: The host call's `_clear_value_at_index_1`.
+      compute_new_value: The host call's `_compute_new_value`.
+
+    Returns:
+      `[counter update op]`, which runs after all updates.
+
+    Raises:
+      ValueError: If `global_step` is not a scalar.
+      TypeError: If it is not an integer.
+    """
+    global_step = tf.convert_to_tensor(global_step)
+    _tensor_checks.check_rank("global_step", global_step, 0)
+    if not global_step.dtype.is_integer:
+        raise TypeError(f"global_step must be an integer, got dtype {global_step.dtype.name}")
+    logging.info("Building the TPU variable updates.")
+    index = tf.math.floormod(global_step, every_n)
+    counter_variable = variables[_names.ACCUMULATED_COUNTER_TPU_VARIABLE]
+    counter = clear_value_at_index_1(counter_variable, tf.int32, index)
+    old = {
+        arg_name: clear_value_at_index_1(variables[var_name], dtype, index)
+        for arg_name, var_name, dtype, _ in STEP_VALUES
+    }
+    example_offset = counter * top_k
+    updates = []
+    for arg_name, var_name, _, per_example in STEP_VALUES:
+        offset = example_offset if per_example else counter
+        new = compute_new_value(old[arg_name], checked[arg_name], offset)
+        updates.append(tf.compat.v1.assign(variables[var_name], new))
+    # The counter moves only once this step's values are in place.
+    with tf.control_dependencies(updates):
+        return [tf.compat.v1.assign(counter_variable, tf.math.add(counter, 1))]
+
+
 def used_slice(tpu_variable: tf.Tensor, used_elements_count: Any) -> tf.Tensor:
     """The first `used_elements_count` columns of a `[num_replicas, n]` window."""
     return tf.slice(tpu_variable, [0, 0], [-1, used_elements_count])
 
 
-class CachedWindow:
-    """The per-core TPU variables caching `every_n` steps of `top_k` examples.
-
-    Per core: labels, preds, uid_buckets `[top_k * every_n]`; req_times,
-    sample_rates `[every_n]`; the counter `[]` (steps cached in the current
-    window).
+def used_part(
+    received: Mapping[str, tf.Tensor], *, top_k: int, every_n: int, num_replicas: Optional[int]
+) -> Dict[str, tf.Tensor]:
+    """The used part of the windows the host function received, by role.
 
     Args:
+      received: Each window's name -> its value as the host function received
+        it, concatenated over replicas (`[num_replicas, ...]`).
       top_k: Examples cached per core and step.
-      every_n: Steps per window (`host_call_every_n_steps`).
-      placements: `slice_placements(context)`.
+      every_n: Steps per window.
+      num_replicas: The expected replica count (None: any).
+
+    Returns:
+      `labels`, `y_preds`, `uid_buckets` `[num_replicas, used * top_k]`;
+      `req_times` `[num_replicas, used]`; `sample_rates` (each core's first,
+      standing for the whole window) `[num_replicas]`; the `counter`
+      `[num_replicas]` (each core's count of cached steps); and
+      `used_slice_len`, a scalar: `used * top_k`, where `used` is replica 0's
+      count (all cores step together), at most `every_n`.
+
+    Raises:
+      ValueError: If a received value has the wrong shape.
     """
-
-    def __init__(self, top_k: int, every_n: int, placements: Sequence[Tuple[Any, List[Any]]]):
-        self.top_k = top_k
-        self.every_n = every_n
-        window = top_k * every_n
-        self.variables: Dict[str, ReplicatedVariable] = {}
-        self.restore_hooks: List[TPUVariableRestoreHook] = []
-        for name, shape, dtype in (
-            (LABELS, [window], tf.float32),
-            (PREDS, [window], tf.float32),
-            (UID_BUCKETS, [window], tf.int32),
-            (REQ_TIMES, [every_n], tf.int64),
-            (SAMPLE_RATES, [every_n], tf.float32),
-            (COUNTER, [], tf.int32),
-        ):
-            variable, hook = create_replicated_variable(name, shape, dtype, placements)
-            self.variables[name] = variable
-            self.restore_hooks.append(hook)
-
-    def update_ops(self, global_step: Any, checked: Mapping[str, tf.Tensor]) -> List[tf.Operation]:
-        """Ops appending one step's checked values (`check_step_values`) to the window.
-
-        At steps with `global_step % every_n == 1` the window is cleared
-        first; the values are written at `counter * top_k` (`counter` for
-        request times and sample rates), and the counter is incremented only
-        after those writes.
-
-        Returns:
-          `[counter update op]`, which runs after all updates.
-
-        Raises:
-          ValueError: If `global_step` is not a scalar.
-          TypeError: If it is not an integer.
-        """
-        global_step = tf.convert_to_tensor(global_step)
-        _tensor_checks.check_rank("global_step", global_step, 0)
-        if not global_step.dtype.is_integer:
-            raise TypeError(f"global_step must be an integer, got dtype {global_step.dtype.name}")
-        logging.info("Building the TPU variable updates.")
-        index = tf.math.floormod(global_step, self.every_n)
-        counter_variable = self.variables[COUNTER]
-        counter = clear_value_at_index_1(counter_variable, tf.int32, index)
-        example_offset = counter * self.top_k
-        updates = []
-        for arg_name, var_name, dtype, per_example in _STEP_VALUES:
-            variable = self.variables[var_name]
-            old = clear_value_at_index_1(variable, dtype, index)
-            offset = example_offset if per_example else counter
-            new = compute_new_value(old, checked[arg_name], offset)
-            updates.append(tf.compat.v1.assign(variable, new))
-        # The counter moves only once this step's values are in place.
-        with tf.control_dependencies(updates):
-            return [tf.compat.v1.assign(counter_variable, counter + 1)]
-
-    def used_part(
-        self, received: Mapping[str, tf.Tensor], num_replicas: Optional[int]
-    ) -> Dict[str, tf.Tensor]:
-        """The used part of the windows the host function received, by role.
-
-        Args:
-          received: Each variable's name -> its `[num_replicas, ...]` value.
-          num_replicas: The expected replica count (None: any).
-
-        Returns:
-          `labels`, `y_preds`, `uid_buckets` `[num_replicas, used * top_k]`,
-          `req_times` `[num_replicas, used]`, `sample_rates` (each core's
-          first, standing for the whole window) `[num_replicas]`,
-          `used_slice_len` and the `counter` `[num_replicas]`.
-
-        Raises:
-          ValueError: If a received value has the wrong shape.
-        """
-        top_k, every_n = self.top_k, self.every_n
-        for name, shape in (
-            (LABELS, [num_replicas, every_n * top_k]),
-            (PREDS, [num_replicas, every_n * top_k]),
-            (UID_BUCKETS, [num_replicas, every_n * top_k]),
-            (REQ_TIMES, [num_replicas, every_n]),
-            (SAMPLE_RATES, [num_replicas, every_n]),
-            (COUNTER, [num_replicas]),
-        ):
-            _tensor_checks.check_shape(name, received[name], shape)
-        # Steps cached in this window (replica 0's count; all cores step together).
-        used_steps = tf.minimum(received[COUNTER][0], every_n)
-        used_slice_len = used_steps * top_k
-        return {
-            "labels": used_slice(received[LABELS], used_slice_len),
-            "y_preds": used_slice(received[PREDS], used_slice_len),
-            "uid_buckets": used_slice(received[UID_BUCKETS], used_slice_len),
-            "req_times": used_slice(received[REQ_TIMES], used_steps),
-            "sample_rates": tf.reshape(tf.slice(received[SAMPLE_RATES], [0, 0], [-1, 1]), [-1]),
-            "used_slice_len": used_slice_len,
-            "counter": received[COUNTER],
-        }
+    for name, shape in (
+        (_names.LABELS_TPU_VARIABLE, [num_replicas, every_n * top_k]),
+        (_names.PREDS_TPU_VARIABLE, [num_replicas, every_n * top_k]),
+        (_names.UID_BUCKETS_TPU_VARIABLE, [num_replicas, every_n * top_k]),
+        (_names.REQ_TIMES_TPU_VARIABLE, [num_replicas, every_n]),
+        (_names.SAMPLE_RATES_TPU_VARIABLE, [num_replicas, every_n]),
+        (_names.ACCUMULATED_COUNTER_TPU_VARIABLE, [num_replicas]),
+    ):
+        _tensor_checks.check_shape(name, received[name], shape)
+    counter = received[_names.ACCUMULATED_COUNTER_TPU_VARIABLE]
+    used_steps = tf.minimum(counter[0], every_n)
+    used_slice_len = used_steps * top_k
+    sample_rates = received[_names.SAMPLE_RATES_TPU_VARIABLE]
+    return {
+        "labels": used_slice(received[_names.LABELS_TPU_VARIABLE], used_slice_len),
+        "y_preds": used_slice(received[_names.PREDS_TPU_VARIABLE], used_slice_len),
+        "uid_buckets": used_slice(received[_names.UID_BUCKETS_TPU_VARIABLE], used_slice_len),
+        "req_times": used_slice(received[_names.REQ_TIMES_TPU_VARIABLE], used_steps),
+        "sample_rates": tf.reshape(tf.slice(sample_rates, [0, 0], [-1, 1]), [-1]),
+        "used_slice_len": used_slice_len,
+        "counter": counter,
+    }

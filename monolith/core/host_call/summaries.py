@@ -3,15 +3,16 @@
 Runs while TPUEstimator builds the host function (on the host). Every
 summary is written with `tf.summary` under one writer at
 `output_dir + "/host_call"`, at the step number the TPU step recorded, made
-unique on the host (see `_host_call_steps`). The ops `tf.summary` returns
-are collected, so the host function returns exactly its own summary ops, not
-every summary op of the graph.
+unique on the host (see `host_call.steps`). The host function returns
+exactly the summary ops written in its writer scope (by this module, by the
+host call's methods, or by a subclass's overrides of them), not every summary
+op of the graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -28,22 +29,22 @@ DEEPINSIGHT_LABELS = "di_labels"
 DEEPINSIGHT_PREDS = "di_preds"
 DEEPINSIGHT_REQ_TIMES = "di_req_times"
 
-_REDUCED_SUFFIXES = ("_avg", "_max", "_sum")
+_REDUCERS = {"_avg": tf.reduce_mean, "_max": tf.reduce_max, "_sum": tf.reduce_sum}
+
+#: `(tensor, indices, expect_shape, expect_dtype) -> selected elements` (`_slice_tensor`).
+SliceFn = Callable[[Any, Any, Sequence[Any], tf.DType], tf.Tensor]
+#: `(tensor, step, message_name) -> None`, writes a payload (`_serialize_tensor`).
+SerializeFn = Callable[[tf.Tensor, tf.Tensor, str], Any]
 
 
-def is_reduced_metric(name: str) -> bool:
-    """Whether `name` asks for a reduction over replicas (`_avg`, `_max`, `_sum`)."""
-    return any(suffix in name for suffix in _REDUCED_SUFFIXES)
+def scalar_metric(name: str, suffix: Optional[str], tensor: tf.Tensor) -> tf.Tensor:
+    """The scalar logged for a metric: reduced by its suffix (see `names`), else replica 0's.
 
-
-def reduced_scalar(name: str, tensor: tf.Tensor) -> tf.Tensor:
-    """The scalar logged for a metric: reduced by suffix, else replica 0's value."""
-    if "_avg" in name:
-        return tf.reduce_mean(tensor)
-    if "_max" in name:
-        return tf.reduce_max(tensor)
-    if "_sum" in name:
-        return tf.reduce_sum(tensor)
+    Raises:
+      ValueError: If `suffix` is None and the metric is not one scalar per replica.
+    """
+    if suffix is not None:
+        return _REDUCERS[suffix](tensor)
     if tensor.shape.rank != 1:
         raise ValueError(
             f"tensor {name!r} has shape {tensor.shape} on the host: only scalars can be "
@@ -53,11 +54,12 @@ def reduced_scalar(name: str, tensor: tf.Tensor) -> tf.Tensor:
 
 
 class HostCallSummaries:
-    """Summary writer scope of one host-function call; collects the ops it writes.
+    """Summary writer scope of one host-function call; collects the ops written in it.
 
     Creates the writer TPUEstimator's hooks initialize and flush and makes it
-    the default while the summaries are built. Every summary is written at
-    the call's unique step number (`StepNumbers`).
+    the default while the summaries are built. Write every summary at `step`,
+    the call's unique step number (`StepNumbers`). `group()` returns the
+    summary ops written while the scope was open, whoever wrote them.
 
     Args:
       output_dir: Summaries go to `output_dir + "/host_call"`.
@@ -69,27 +71,31 @@ class HostCallSummaries:
             output_dir + "/host_call", flush_millis=10000, max_queue=5000
         )
         self._numbers = _host_call_steps.StepNumbers(step)
+        #: The number every summary of this call is written at.
         self.step = self._numbers.number
         self._scope: Any = None
-        self._ops: List[Any] = []
+        self._first: Optional[int] = None
+        self._ops: Optional[List[Any]] = None
 
     def __enter__(self) -> HostCallSummaries:
+        # tf.summary adds each op it builds in a graph to this collection
+        # (None when executing eagerly: nothing to group then).
+        self._first = len(tf.compat.v1.summary.all_v2_summary_ops() or [])
         self._scope = self._writer.as_default()
         self._scope.__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._scope.__exit__(*exc_info)
+        self._ops = (tf.compat.v1.summary.all_v2_summary_ops() or [])[self._first :]
 
     def scalar(self, name: str, data: Any) -> None:
-        self._ops.append(tf.summary.scalar(name, data=data, step=self.step))
-
-    def serialized(self, name: str, tensor: tf.Tensor) -> None:
-        """A text summary holding `tf.io.serialize_tensor(tensor)` (a DeepInsight payload)."""
-        self._ops.append(tf.summary.text(name, data=tf.io.serialize_tensor(tensor), step=self.step))
+        tf.summary.scalar(name, data=data, step=self.step)
 
     def group(self, *extra_ops: Any) -> tf.Operation:
-        """The written summaries, `extra_ops` (not None) and the step-number update, grouped."""
+        """The summaries written in the scope, `extra_ops` (not None) and the number's update."""
+        if self._ops is None:
+            raise RuntimeError("group() needs the summary scope to be closed first")
         extra = [op for op in extra_ops if op is not None]
         mark = self._numbers.mark(self._ops + extra)
         return tf.group(self._ops + extra + [mark])
@@ -123,16 +129,6 @@ def real_examples(padding_flag: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     padding = tf.not_equal(tf.reshape(tf.cast(padding_flag, tf.int32), [-1, flag_width]), 0)
     padding = tf.broadcast_to(padding, tf.shape(tf.reshape(labels, [-1, label_width])))
     return tf.logical_not(tf.reshape(padding, [-1]))
-
-
-def gather_flat(
-    tensor: Any, indices: Any, expect_shape: List[Any], expect_dtype: tf.DType
-) -> tf.Tensor:
-    """The elements of the flattened `tensor` at `indices`, after checking its shape and dtype."""
-    _tensor_checks.check_not_none("tensor", tensor)
-    _tensor_checks.check_shape(f"tensor {getattr(tensor, 'name', '')}", tensor, expect_shape)
-    _tensor_checks.check_dtype(f"tensor {getattr(tensor, 'name', '')}", tensor, expect_dtype)
-    return tf.gather(tf.reshape(tensor, [-1]), indices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,27 +166,34 @@ def _sampled_mask(
 
 
 def write_example_summaries(
-    summaries: HostCallSummaries,
+    step: tf.Tensor,
     raw: ExampleTensors,
     *,
+    slice_tensor: SliceFn,
+    serialize_tensor: SerializeFn,
     enable_deepinsight: bool,
     top_k: int,
     stopping_signals_sum: Optional[tf.Tensor] = None,
     padding_flag: Optional[tf.Tensor] = None,
 ) -> Optional[tf.Tensor]:
-    """Writes AUC, DeepInsight and average summaries; returns the AUC update op.
+    """Writes AUC, DeepInsight and average summaries at `step`; returns the AUC update op.
 
-    Examples are selected by uid bucket (below `UID_SAMPLE_RATE * RATIO_N`),
-    without padding examples (those `padding_flag` marks, see
-    `real_examples`), and none at all when `stopping_signals_sum` (the
-    original's caching-mode rule) is non-zero; without uid buckets or flag
-    all are used. The DeepInsight labels and predictions are written
-    whenever uid buckets are, as in the original; request times and the
-    first sample rate with `enable_deepinsight`.
+    The body of the original's `_write_summary_ops`. Examples are selected by
+    uid bucket (below `UID_SAMPLE_RATE * RATIO_N`), without padding examples
+    (those `padding_flag` marks, see `real_examples`), and none at all when
+    `stopping_signals_sum` (the original's caching-mode rule) is non-zero;
+    without uid buckets or flag all are used. Each selection and the first
+    sample rate go through `slice_tensor`, each payload through
+    `serialize_tensor`, where the original calls them. The DeepInsight
+    labels and predictions are written whenever uid buckets are, as in the
+    original; request times and the first sample rate with
+    `enable_deepinsight`.
 
     Args:
-      summaries: The call's summary scope.
+      step: The number to write at (the open `HostCallSummaries` scope's).
       raw: The received tensors, before selection.
+      slice_tensor: The host call's `_slice_tensor`.
+      serialize_tensor: The host call's `_serialize_tensor`.
       enable_deepinsight: Also serialize request times and sample rates.
       top_k: Examples per core and step (each request time's repeat count).
       stopping_signals_sum: Optional int scalar (see above).
@@ -200,7 +203,7 @@ def write_example_summaries(
       The AUC update op, or None without labels and predictions.
     """
     if raw.labels is None or raw.y_preds is None:
-        _write_averages(summaries, raw)
+        _write_averages(step, raw)
         return None
     expect_shape = raw.labels.shape.as_list()
     keep = _sampled_mask(raw, stopping_signals_sum, padding_flag)
@@ -211,36 +214,36 @@ def write_example_summaries(
         indices = tf.reshape(tf.where(keep), [-1])
         sampled = dataclasses.replace(
             raw,
-            labels=gather_flat(raw.labels, indices, expect_shape, tf.float32),
-            y_preds=gather_flat(raw.y_preds, indices, expect_shape, tf.float32),
+            labels=slice_tensor(raw.labels, indices, expect_shape, tf.float32),
+            y_preds=slice_tensor(raw.y_preds, indices, expect_shape, tf.float32),
         )
     if raw.uid_buckets is not None:
-        summaries.serialized(DEEPINSIGHT_LABELS, sampled.labels)
-        summaries.serialized(DEEPINSIGHT_PREDS, sampled.y_preds)
+        serialize_tensor(sampled.labels, step, DEEPINSIGHT_LABELS)
+        serialize_tensor(sampled.y_preds, step, DEEPINSIGHT_PREDS)
         if enable_deepinsight and raw.req_times is not None:
             _tensor_checks.check_rank("req_times (one per replica)", raw.req_times, 2)
             # One request time per step and core: repeat it for its examples.
             per_example = tf.repeat(raw.req_times, top_k, axis=1)
             sampled = dataclasses.replace(
-                sampled, req_times=gather_flat(per_example, indices, expect_shape, tf.int64)
+                sampled, req_times=slice_tensor(per_example, indices, expect_shape, tf.int64)
             )
-            summaries.serialized(DEEPINSIGHT_REQ_TIMES, sampled.req_times)
+            serialize_tensor(sampled.req_times, step, DEEPINSIGHT_REQ_TIMES)
 
     _, auc_op = tf.compat.v1.metrics.auc(labels=sampled.labels, predictions=sampled.y_preds)
     # The value the update returns: this call's examples included, no race.
-    summaries.scalar("auc", auc_op)
+    tf.summary.scalar("auc", data=auc_op, step=step)
     if enable_deepinsight and raw.sample_rates is not None:
         _tensor_checks.check_rank("sample_rates (one per replica)", raw.sample_rates, 1)
         # One sample rate stands for all examples of this host call.
-        first_rate = gather_flat(
+        first_rate = slice_tensor(
             raw.sample_rates, [0], raw.sample_rates.shape.as_list(), tf.float32
         )
-        summaries.serialized(DEEPINSIGHT_SAMPLE_RATES, first_rate)
-    _write_averages(summaries, sampled)
+        serialize_tensor(first_rate, step, DEEPINSIGHT_SAMPLE_RATES)
+    _write_averages(step, sampled)
     return auc_op
 
 
-def _write_averages(summaries: HostCallSummaries, tensors: ExampleTensors) -> None:
+def _write_averages(step: tf.Tensor, tensors: ExampleTensors) -> None:
     for summary_name, value in (
         ("sampled_labels_variable_avg", tensors.labels),
         ("sampled_preds_variable_avg", tensors.y_preds),
@@ -248,4 +251,4 @@ def _write_averages(summaries: HostCallSummaries, tensors: ExampleTensors) -> No
         ("sample_rates_variable_avg", tensors.sample_rates),
     ):
         if value is not None:
-            summaries.scalar(summary_name, tf.reduce_mean(value))
+            tf.summary.scalar(summary_name, data=tf.reduce_mean(value), step=step)
