@@ -19,6 +19,10 @@ from monolith.core.testing import user_params as _user_params
 from monolith.core.testing.fake_context import FakeTPUContext
 from monolith.core.testing.options import BuildOptions, RunOptions
 from monolith.core.testing.results import EmulatedTPUTraining, TrainResult
+from monolith.core.testing.topology import Topology, make_topology
+
+_PER_HOST_V2 = tpu_config.InputPipelineConfig.PER_HOST_V2
+_ONE_HOST_ONE_REPLICA = Topology()
 
 __all__ = [
     "EmulatedTPUTraining",
@@ -45,17 +49,23 @@ def _build_options(
     hook_kwargs: Optional[Mapping[str, Any]] = None,
     train_batch_size: Optional[int] = None,
     config: Any = None,
+    topology: Topology = _ONE_HOST_ONE_REPLICA,
 ) -> BuildOptions:
     """Validates the arguments once, where they enter, and freezes them."""
     params = dict(params or {})
     positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
     if train_batch_size is not None:
         positive_int("train_batch_size", train_batch_size)
+    topology.check_global_batch_size(train_batch_size)
     _user_params.check_params(params, train_batch_size)
+    if ctx is None:
+        ctx = FakeTPUContext(
+            num_hosts=topology.num_hosts, replicas_per_host=topology.replicas_per_host
+        )
     return BuildOptions(
         params=types.MappingProxyType(params),
         hook_class=hook_class,
-        ctx=ctx if ctx is not None else FakeTPUContext(),
+        ctx=ctx,
         rendezvous=(
             rendezvous if rendezvous is not None else error_handling.ErrorRendezvous(num_sources=3)
         ),
@@ -68,6 +78,7 @@ def _build_options(
         hook_kwargs=types.MappingProxyType(dict(hook_kwargs or {})),
         train_batch_size=train_batch_size,
         config=config,
+        topology=topology,
     )
 
 
@@ -88,6 +99,9 @@ def build_emulated_training(
     hook_kwargs: Optional[Mapping[str, Any]] = None,
     train_batch_size: Optional[int] = None,
     config: Optional[tpu_config.RunConfig] = None,
+    num_hosts: int = 1,
+    replicas_per_host: int = 1,
+    per_host_input_for_training: Any = _PER_HOST_V2,
 ) -> EmulatedTPUTraining:
     """Builds the emulated TPU training graph in the default graph.
 
@@ -148,6 +162,7 @@ def build_emulated_training(
         hook_kwargs=hook_kwargs,
         train_batch_size=train_batch_size,
         config=config,
+        topology=make_topology(num_hosts, replicas_per_host, per_host_input_for_training),
     )
     return _graph.build(model_fn, input_fn, options)
 
@@ -194,6 +209,9 @@ def train(
     on_loop_end: Optional[Callable[[int, int, float], None]] = None,
     train_batch_size: Optional[int] = None,
     log_step_count_steps: Optional[int] = 100,
+    num_hosts: int = 1,
+    replicas_per_host: int = 1,
+    per_host_input_for_training: Any = _PER_HOST_V2,
 ) -> TrainResult:
     """Trains like `TPUEstimator.train` (use_tpu=True), on CPU, through the emulated wiring.
 
@@ -282,10 +300,12 @@ def train(
     if log_step_count_steps is not None:
         positive_int("log_step_count_steps", log_step_count_steps)
     positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
+    topology = make_topology(num_hosts, replicas_per_host, per_host_input_for_training)
     rendezvous = error_handling.ErrorRendezvous(num_sources=3)
     config = _user_params.default_run_config(
         model_dir,
         iterations_per_loop,
+        topology.input_mode,
         outfeed_every_n_steps=outfeed_every_n_steps,
         save_checkpoints_steps=save_checkpoints_steps,
         save_checkpoints_secs=save_checkpoints_secs,
@@ -303,6 +323,7 @@ def train(
             hook_kwargs=hook_kwargs,
             train_batch_size=train_batch_size,
             config=config,
+            topology=topology,
         ),
         model_dir=model_dir,
         iterations_per_loop=iterations_per_loop,
