@@ -45,13 +45,8 @@ def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0)
         model_dir=model_dir,
         iterations_per_loop=4,
         steps=steps,
-        params={
-            "model_dir": model_dir,
-            "num_examples": num_examples,
-            "seed": seed,
-            "on_tpu": False,
-            "batch_size": 64,
-        },
+        params={"model_dir": model_dir, "num_examples": num_examples, "seed": seed},
+        train_batch_size=64,
     )
     return _variables(tf.train.latest_checkpoint(model_dir))
 
@@ -332,7 +327,7 @@ def test_tpu_path_builds_the_tpu_graph_with_our_hook(tmp_path, num_hosts, cores_
             ctr_model.input_fn,
             config=config,
             train_batch_size=args.batch_size,
-            params=train_ctr._params(args, on_tpu=True),
+            params=train_ctr.model_params(args),
         )
     assert isinstance(built.feed_hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
     op_types = built.op_types()

@@ -17,17 +17,17 @@ class EmulatedTPUTraining:
       hook: The feed hook (an instance of `hook_class`), built with exactly the
         keyword arguments TPUEstimator passes.
       train_op: Runs one loop of `iterations_per_loop` steps.
-      loss: The loss of the loop's last step (float32).
+      loss: Replica 0's loss of the loop's last step (float32), as TPUEstimator reports.
       loop_steps: How many steps the loop ran (int32), fetch with `train_op`.
       global_step: The global step variable.
       global_step_after_loop: The global step read after the loop.
       iterations_per_loop_var: `tpu_estimator/iterations_per_loop`.
-      enqueue_ops: What the infeed thread runs.
+      enqueue_ops: What the infeed thread runs: one op per host's input pipeline.
       dequeue_ops: What the outfeed thread runs (dict, see the module docstring).
       rendezvous: The `ErrorRendezvous` given to the hook.
       training_hooks: `TPUEstimatorSpec.training_hooks` of the model_fn.
-      iterator_initializer: Initialises the input iterator (also run by the
-        hook, as one of its `tpu_init_ops`, before the feed threads start).
+      iterator_initializer: Initialises every host's input iterator (also run
+        by the hook, as one of its `tpu_init_ops`, before the feed threads start).
       batch_size: The global batch size (`train_batch_size`, else the static
         leading dimension of the input's first component over the replicas,
         else None).
