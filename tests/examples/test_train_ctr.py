@@ -148,6 +148,55 @@ def test_save_checkpoints_steps_writes_checkpoints_during_training(tmp_path):
     assert report.final_checkpoint.endswith("model.ckpt-40")
 
 
+POD = ["--num_hosts", "2", "--replicas_per_host", "4"]
+
+
+def test_a_pod_trains_the_global_batches_of_one_replica(tmp_path, capsys):
+    """2 hosts x 4 replicas, the same global batch: the 1x1 model, each host's batches reported."""
+    flags = ["--num_examples", "1280", "--batch_size", "64", "--iterations_per_loop", "4"]
+    report = train_ctr.main([*flags, *POD, "--model_dir", str(tmp_path / "pod")])
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert (report.global_step, report.steps, report.padding_steps) == (20, 20, 4)
+    assert report.examples == 1280
+    # 20 real steps of 4 batches per host (one per replica), then one loop of padding.
+    assert report.host_batches == ((80, 16), (80, 16))
+    out = capsys.readouterr().out
+    assert "emulated pod of 2 hosts x 4 replicas, 8 per replica" in out
+    assert "host 0 fed:        80 real and 16 padding batches" in out
+    assert "host 1 fed:        80 real and 16 padding batches" in out
+    reference = _train_exactly(str(tmp_path / "one_replica"), 1280, steps=20)
+    _assert_same_variables(_variables(report.final_checkpoint), reference)
+
+
+def test_a_pod_resumes_after_the_batches_each_host_trained(tmp_path):
+    model_dir = str(tmp_path / "pod")
+    pod = ["--batch_size", "64", "--iterations_per_loop", "4", "--num_hosts", "2"]
+    pod += ["--replicas_per_host", "2", "--model_dir", model_dir]
+    first = train_ctr.main(["--num_examples", "640", *pod])
+    assert (first.global_step, first.host_batches) == (10, ((20, 4), (20, 4)))
+
+    # The same stream, 6 global batches longer: each host skips its 10 * 2 batches.
+    resumed = train_ctr.main(["--num_examples", "1024", *pod])
+    assert (resumed.start_step, resumed.steps, resumed.examples) == (10, 6, 384)
+    assert resumed.host_batches == ((12, 4), (12, 4))
+    reference = _train_exactly(str(tmp_path / "one_replica"), 1024, steps=16)
+    _assert_same_variables(_variables(resumed.final_checkpoint), reference)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_hosts", "2", "--batch_size", "63"], "--batch_size=63 (global) must be divisible"),
+        (["--replicas_per_host", "0"], "--replicas_per_host=0 must be positive"),
+        (["--num_hosts", "2", "--tpu", "my-tpu", "--model_dir", "gs://b/m"], "emulated pod on CPU"),
+    ],
+)
+def test_example_rejects_a_bad_pod(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_ctr.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
 # `python -m monolith.examples.train_ctr` after tf.compat.v1.disable_v2_behavior(),
 # so a subprocess writes checkpoints the v1-behaviour test process can restore.
 _RUN_MODULE_V1 = (

@@ -115,6 +115,26 @@ def _lift_variable_creation(loop_scope: str) -> Callable[..., Any]:
     return creator
 
 
+@contextlib.contextmanager
+def _variable_creator_everywhere(creator: Callable[..., Any]) -> Iterator[None]:
+    """`variable_creator_scope(creator)` on the default graph and every graph enclosing it.
+
+    Each graph keeps its own (thread-local) creator stack, and a variable
+    created under `tf.init_scope()` (e.g. the optimizer slots and beta powers
+    `skip_padding_steps` creates before its conditional) is created in the
+    outermost graph, not in the while_v2 body: the creator must be there too.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tf.compat.v1.variable_creator_scope(creator))
+        graph = getattr(tf.compat.v1.get_default_graph(), "outer_graph", None)
+        while graph is not None:
+            with graph.as_default():
+                # The scope stays on `graph`'s stack after as_default() exits.
+                stack.enter_context(tf.compat.v1.variable_creator_scope(creator))
+            graph = getattr(graph, "outer_graph", None)
+        yield
+
+
 class _SharedVariables:
     """Replica 0 creates the variables; later replicas get replica 0's back.
 
@@ -150,7 +170,7 @@ class _SharedVariables:
             tf.compat.v1.variable_scope(
                 scope, custom_getter=self._getter, auxiliary_name_scope=False
             ),
-            tf.compat.v1.variable_creator_scope(self._creator),
+            _variable_creator_everywhere(self._creator),
         ):
             yield
             if replica_id == 0:
@@ -268,7 +288,7 @@ def build_replicated_step(
                 stack.enter_context(tpu_context.emulated_replica(context))
                 batch = infeed.dequeue(replica)
                 stack.enter_context(
-                    tf.compat.v1.variable_creator_scope(_lift_variable_creation(loop_scope))
+                    _variable_creator_everywhere(_lift_variable_creation(loop_scope))
                 )
                 if shared is not None:
                     stack.enter_context(shared.replica(replica))

@@ -32,6 +32,14 @@ __all__ = ["SUPPORTED_INPUT_MODES", "Topology", "make_topology"]
 
 _Mode = tpu_config.InputPipelineConfig
 SUPPORTED_INPUT_MODES = (_Mode.PER_HOST_V2, _Mode.PER_HOST_V1, _Mode.BROADCAST)
+# InputPipelineConfig's values are plain ints; their names, for messages.
+_MODE_NAMES = {
+    _Mode.PER_SHARD_V1: "PER_SHARD_V1",
+    _Mode.PER_HOST_V1: "PER_HOST_V1",
+    _Mode.PER_HOST_V2: "PER_HOST_V2",
+    _Mode.BROADCAST: "BROADCAST",
+    _Mode.SLICED: "SLICED",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +59,10 @@ class Topology:
     @property
     def num_replicas(self) -> int:
         return self.num_hosts * self.replicas_per_host
+
+    @property
+    def input_mode_name(self) -> str:
+        return _MODE_NAMES[self.input_mode]
 
     @property
     def broadcast(self) -> bool:
@@ -97,7 +109,7 @@ class Topology:
                 f"train_batch_size={train_batch_size!r} must be divisible by the number of "
                 f"replicas, {self.num_replicas} ({self.num_hosts} hosts x "
                 f"{self.replicas_per_host} replicas per host), as TPUEstimator requires "
-                f"under {self.input_mode.name}."
+                f"under {self.input_mode_name}."
             )
 
 
@@ -106,23 +118,31 @@ def make_topology(
 ) -> Topology:
     """Validates the emulated pod's arguments where they enter.
 
+    `per_host_input_for_training` takes what `TPUConfig` takes: an
+    `InputPipelineConfig` value, or the legacy True (PER_HOST_V1) and False
+    (PER_SHARD_V1).
+
     Raises:
       TypeError: a count is not an int; `per_host_input_for_training` is not
-        a `tpu_config.InputPipelineConfig` value.
+        an `InputPipelineConfig` value or a bool.
       ValueError: a count is not positive; the input mode is PER_SHARD_V1
-        (one input_fn per core), which the emulator does not emulate.
+        (one input_fn per core) or SLICED, which the emulator does not emulate.
     """
-    positive_int("num_hosts", num_hosts)
-    positive_int("replicas_per_host", replicas_per_host)
-    if per_host_input_for_training not in SUPPORTED_INPUT_MODES:
-        if isinstance(per_host_input_for_training, _Mode):
-            raise ValueError(
-                f"per_host_input_for_training={per_host_input_for_training!r} is not emulated; "
-                f"use one of {[mode.name for mode in SUPPORTED_INPUT_MODES]}."
-            )
+    num_hosts = positive_int("num_hosts", num_hosts)
+    replicas_per_host = positive_int("replicas_per_host", replicas_per_host)
+    mode = per_host_input_for_training
+    if isinstance(mode, bool):
+        mode = _Mode.PER_HOST_V1 if mode else _Mode.PER_SHARD_V1
+    elif type(mode) is not int or mode not in _MODE_NAMES:
         raise TypeError(
             f"per_host_input_for_training={per_host_input_for_training!r} must be a "
-            "tpu_config.InputPipelineConfig value: one of "
-            f"{[mode.name for mode in SUPPORTED_INPUT_MODES]}."
+            "tpu_config.InputPipelineConfig value (PER_HOST_V2, PER_HOST_V1 or BROADCAST)."
         )
-    return Topology(int(num_hosts), int(replicas_per_host), per_host_input_for_training)
+    if mode not in SUPPORTED_INPUT_MODES:
+        raise ValueError(
+            f"per_host_input_for_training={per_host_input_for_training!r} ({_MODE_NAMES[mode]}) "
+            "is not emulated; use PER_HOST_V2, PER_HOST_V1 or BROADCAST."
+        )
+    # The module's own constant (InputPipelineConfig values are compared with `is`).
+    mode = next(m for m in SUPPORTED_INPUT_MODES if m == mode)
+    return Topology(num_hosts, replicas_per_host, mode)
