@@ -35,7 +35,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument(
-        "--num_examples", type=int, default=None, help="default 262144 (quick 8192)"
+        "--num_examples", type=int, default=None, help="default 262144 (quick 2048)"
     )
     parser.add_argument(
         "--batch_size", type=int, default=None, help="global; default 256 (quick 64)"
