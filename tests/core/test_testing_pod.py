@@ -128,13 +128,25 @@ def _host_elements(host, num_steps, mode, num_hosts, replicas_per_host):
     return ids.reshape(-1, batch)
 
 
+def _recording(model_fn, seen):
+    """`model_fn`, recording what its params say about the batch and the pod."""
+
+    def recording_model_fn(features, mode, params):
+        context = params["context"]
+        seen.add((params["batch_size"], context.num_replicas, context.num_hosts))
+        return model_fn(features, mode, params)
+
+    return recording_model_fn
+
+
 @modes
 def test_each_replica_gets_what_a_tpuestimator_graph_feeds_it(tmp_path, mode):
     """2 hosts x 4 replicas: input_fn calls, their deployment and each replica's batches."""
     hosts, per_host, steps = 2, 4, 2
     estimator_calls, emulator_calls, received = [], [], []
+    estimator_model, emulator_model = set(), set()
     built = build_on_simulated_tpu(
-        counting_model_fn,
+        _recording(counting_model_fn, estimator_model),
         id_stream_fn(steps, seen=estimator_calls),
         hosts,
         per_host,
@@ -144,7 +156,7 @@ def test_each_replica_gets_what_a_tpuestimator_graph_feeds_it(tmp_path, mode):
     )
     plan = _tpu_feed_plan(built.graph, per_host)
     _train(
-        _ids_host_call_model_fn(received),
+        _recording(_ids_host_call_model_fn(received), emulator_model),
         id_stream_fn(steps, seen=emulator_calls),
         tmp_path / "emulator",
         hosts,
@@ -153,6 +165,7 @@ def test_each_replica_gets_what_a_tpuestimator_graph_feeds_it(tmp_path, mode):
         steps=steps,
     )
     assert emulator_calls == estimator_calls
+    assert emulator_model == estimator_model == {(16 if mode is BROADCAST else PER_REPLICA, 8, 2)}
     assert [call["deployment"] for call in emulator_calls] == (
         [(0, 1, 8)] if mode is BROADCAST else [(0, 2, 4), (1, 2, 4)]
     )
