@@ -463,13 +463,17 @@ def test_a_pods_checkpoint_holds_one_copy_of_each_variable(tmp_path):
     assert {"beta1_power", "dense/w/Adam", "tower/scale/Adam_1"} <= set(names[1])
 
 
-def test_replicas_creating_different_variables_are_rejected(tmp_path):
+@pytest.mark.parametrize("how", ["get_variable", "Variable"])
+def test_replicas_creating_different_variables_are_rejected(tmp_path, how):
     calls = []
 
     def model_fn(features, mode, params):
         calls.append(1)
-        if len(calls) > 1:
-            tf.compat.v1.Variable(0.0, name=f"extra_{len(calls)}")
+        if len(calls) > 1:  # replica 1 creates one more variable than replica 0
+            if how == "get_variable":
+                tf.compat.v1.get_variable("extra", [], tf.float32)
+            else:
+                tf.compat.v1.Variable(0.0, name="extra")
         return counting_model_fn(features, mode, params)
 
     with pytest.raises(ValueError, match="same variables on every replica"):

@@ -198,9 +198,9 @@ class _SharedVariables:
             return getter(name, *args, **kwargs)
         except ValueError as error:
             raise ValueError(
-                f"Replica {self._replica}'s model_fn asked for variable {name!r}, which replica "
-                "0's did not create: the model_fn must create the same variables on every "
-                "replica (the emulator shares replica 0's)."
+                f"Replica {self._replica}'s model_fn asked for variable {name!r}, which is not "
+                f"one replica 0's created ({error}): the model_fn must create the same variables "
+                "on every replica (the emulator shares replica 0's)."
             ) from error
 
     def _creator(self, next_creator: Callable[..., Any], **kwargs: Any) -> Any:
