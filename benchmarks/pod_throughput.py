@@ -6,9 +6,11 @@ hosts x 4 replicas (PER_HOST_V2), with the same global batch, so both train
 the same global batches of the same stream to its end. Each run is timed
 from the end of its first loop (graph building and session start excluded)
 to the end of its last, over the real steps it trained; rounds alternate the
-topologies. The table gives the median examples/s of each, the ratio to one
-replica, and the median time to the end of the first loop (building the
-pod's graph builds the step once per replica).
+topologies. The table gives the median examples/s of each (wall clock), the
+median examples per CPU second (process CPU time, all threads: steadier than
+wall time on a shared machine), their ratios to one replica, and the median
+time to the end of the first loop (building the pod's graph builds the step
+once per replica).
 
 What the ratio measures: the emulator's cost of a pod on CPU (8 copies of
 the step in one graph, 8 infeed queues, a 2-host input pipeline that reads
@@ -60,7 +62,7 @@ def _run(
     from monolith.core import testing
     from monolith.examples import ctr_model
 
-    loops: List[Tuple[float, int]] = []
+    loops: List[Tuple[float, float, int]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pod_throughput_") as model_dir:
         testing.train(
@@ -73,11 +75,18 @@ def _run(
             num_hosts=num_hosts,
             replicas_per_host=replicas_per_host,
             log_step_count_steps=None,
-            on_loop_end=lambda step, _steps, _loss: loops.append((time.perf_counter(), step)),
+            on_loop_end=lambda step, _steps, _loss: loops.append(
+                (time.perf_counter(), time.process_time(), step)
+            ),
         )
-    (first_time, first_step), (last_time, last_step) = loops[0], loops[-1]
+    (first_wall, first_cpu, first_step), (last_wall, last_cpu, last_step) = loops[0], loops[-1]
     examples = (last_step - first_step) * args.batch_size
-    return examples / max(last_time - first_time, 1e-9), first_time - started, last_step
+    return (
+        examples / max(last_wall - first_wall, 1e-9),
+        examples / max(last_cpu - first_cpu, 1e-9),
+        first_wall - started,
+        last_step,
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -92,20 +101,22 @@ def main(argv: Sequence[str]) -> None:
         ],
     )
     rates: Dict[Tuple[int, int], List[float]] = {t: [] for t in TOPOLOGIES}
+    cpu_rates: Dict[Tuple[int, int], List[float]] = {t: [] for t in TOPOLOGIES}
     starts: Dict[Tuple[int, int], List[float]] = {t: [] for t in TOPOLOGIES}
     steps: Dict[Tuple[int, int], int] = {}
     for _ in range(args.rounds):
         for topology in TOPOLOGIES:
-            rate, start, trained = _run(args, *topology)
+            rate, cpu_rate, start, trained = _run(args, *topology)
             rates[topology].append(rate)
+            cpu_rates[topology].append(cpu_rate)
             starts[topology].append(start)
             steps[topology] = trained
-    one = median(rates[TOPOLOGIES[0]])
+    one, one_cpu = median(rates[TOPOLOGIES[0]]), median(cpu_rates[TOPOLOGIES[0]])
     rows = []
     for topology in TOPOLOGIES:
         hosts, per_host = topology
         replicas = hosts * per_host
-        rate = median(rates[topology])
+        rate, cpu_rate = median(rates[topology]), median(cpu_rates[topology])
         rows.append(
             [
                 f"{hosts}x{per_host}",
@@ -115,6 +126,8 @@ def main(argv: Sequence[str]) -> None:
                 steps[topology],
                 f"{rate:,.0f}",
                 f"{rate / one:.2f}",
+                f"{cpu_rate:,.0f}",
+                f"{cpu_rate / one_cpu:.2f}",
                 f"{median(starts[topology]):.1f}",
             ]
         )
@@ -127,6 +140,8 @@ def main(argv: Sequence[str]) -> None:
             "steps",
             "examples/s",
             "vs 1x1",
+            "examples/CPU s",
+            "CPU vs 1x1",
             "first loop (s)",
         ],
         rows,

@@ -341,6 +341,23 @@ def test_host_call_gets_each_replicas_value_at_its_index(tmp_path):
     ]
 
 
+def test_every_replica_dequeues_on_steps_without_outfeed(tmp_path):
+    """With the outfeed every 2 steps, step 2's batches are step 2's on every replica."""
+    received, steps = [], 4
+    _train(
+        _replica_value_host_call_model_fn(received),
+        id_stream_fn(steps),
+        tmp_path,
+        1,
+        2,
+        steps=steps,
+        iterations_per_loop=4,
+        outfeed_every_n_steps=2,
+    )
+    global_batch = 2 * PER_REPLICA
+    assert received == [[s * global_batch + r * PER_REPLICA + 1 for r in range(2)] for s in (0, 2)]
+
+
 def test_the_model_fn_sees_its_replica_in_enclosing_tpu_context_and_not_under_init_scope(tmp_path):
     inside, lifted = [], []
 
@@ -527,6 +544,27 @@ def test_bad_pod_arguments_are_rejected_naming_them(tmp_path, kwargs, error, mes
             kwargs.pop("replicas_per_host"),
             **kwargs,
         )
+
+
+@pytest.mark.parametrize("mode, pipelines", [(V2, 2), (V1, 2), (BROADCAST, 1)])
+def test_one_hook_gets_every_hosts_enqueue_ops_and_every_replicas_stop_flag(mode, pipelines):
+    with tf.Graph().as_default():
+        built = testing.build_emulated_training(
+            counting_model_fn,
+            id_stream_fn(1),
+            train_batch_size=8 if mode is BROADCAST else 4 * PER_REPLICA,
+            num_hosts=2,
+            replicas_per_host=2,
+            per_host_input_for_training=mode,
+            config=tpu_config.RunConfig(
+                tpu_config=tpu_config.TPUConfig(per_host_input_for_training=mode)
+            ),
+        )
+        assert len(built.enqueue_ops) == pipelines
+        # Concatenated over the 4 replicas (BROADCAST: replica 0's, as TPUEstimator).
+        stopping = built.dequeue_ops[SIGNAL]["stopping"]
+        assert stopping.shape.as_list() == [8 if mode is BROADCAST else 4 * PER_REPLICA]
+        assert (built.num_hosts, built.replicas_per_host) == (2, 2)
 
 
 def test_fake_context_reports_the_pods_shape():
