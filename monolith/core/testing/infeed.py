@@ -81,6 +81,7 @@ class Infeed:
       enqueue_ops: What the infeed thread runs: one op per input pipeline.
       iterator_initializer: Initialises every input pipeline's iterator.
       topology: The emulated pod.
+      iterators: Each input pipeline's iterator, in host order (one under BROADCAST).
     """
 
     element_spec: Any
@@ -89,6 +90,7 @@ class Infeed:
     enqueue_ops: list
     iterator_initializer: tf.Operation
     topology: Topology
+    iterators: tuple = ()
 
     def dequeue(self, replica: int = 0) -> DequeuedBatch:
         """One element of `replica`'s queue, split into features and labels."""
@@ -254,6 +256,7 @@ def build_infeed(
         enqueue_ops=enqueue_ops,
         iterator_initializer=initializers[0] if len(initializers) == 1 else tf.group(*initializers),
         topology=topology,
+        iterators=tuple(iterators.values()),
     )
 
 
