@@ -148,27 +148,27 @@ def test_save_checkpoints_steps_writes_checkpoints_during_training(tmp_path):
     assert report.final_checkpoint.endswith("model.ckpt-40")
 
 
-POD = ["--num_hosts", "2", "--replicas_per_host", "4"]
+POD = ["--num_hosts", "2", "--replicas_per_host", "2"]
 
 
 def test_a_pod_trains_the_one_replica_runs_global_batches_and_resumes_per_host(tmp_path, capsys):
-    """2 hosts x 4 replicas, the same global batch: the 1x1 model, also across a restart."""
+    """2 hosts x 2 replicas, the same global batch: the 1x1 model, also across a restart."""
     model_dir = str(tmp_path / "pod")
     flags = ["--batch_size", "64", "--iterations_per_loop", "4", *POD, "--model_dir", model_dir]
     first = train_ctr.main(["--num_examples", "640", *flags])
     assert first.stop_reason is preemption.StopReason.END_OF_STREAM
     assert (first.global_step, first.padding_steps, first.examples) == (10, 2, 640)
-    # 10 real steps of 4 batches per host (one per replica), then 2 padding steps.
-    assert first.host_batches == ((40, 8), (40, 8))
+    # 10 real steps of 2 batches per host (one per replica), then 2 padding steps.
+    assert first.host_batches == ((20, 4), (20, 4))
     out = capsys.readouterr().out
-    assert "emulated pod of 2 hosts x 4 replicas, 8 per replica" in out
-    assert "host 0 fed:        40 real and 8 padding batches" in out
-    assert "host 1 fed:        40 real and 8 padding batches" in out
+    assert "emulated pod of 2 hosts x 2 replicas, 16 per replica" in out
+    assert "host 0 fed:        20 real and 4 padding batches" in out
+    assert "host 1 fed:        20 real and 4 padding batches" in out
 
-    # The same stream, 6 global batches longer: each host skips its 10 * 4 trained batches.
+    # The same stream, 6 global batches longer: each host skips its 10 * 2 trained batches.
     resumed = train_ctr.main(["--num_examples", "1024", *flags])
     assert (resumed.start_step, resumed.steps, resumed.examples) == (10, 6, 384)
-    assert resumed.host_batches == ((24, 8), (24, 8))
+    assert resumed.host_batches == ((12, 4), (12, 4))
     reference = _train_exactly(str(tmp_path / "one_replica"), 1024, steps=16)
     _assert_same_variables(_variables(resumed.final_checkpoint), reference)
 
