@@ -4,26 +4,30 @@ One `input_fn` and one `model_fn`, written as for `TPUEstimator(use_tpu=True)`,
 which run unchanged on a Cloud TPU and on CPU through `monolith.core.testing`:
 
 * `input_fn` builds a deterministic synthetic click log (no download, made
-  in-graph), skips the batches a restored checkpoint has already trained
-  (`skip_trained_batches`) and ends it with `append_stopping_signals`, so the
-  feed hook stops training by itself after the last real batch;
+  in-graph), takes the part of each global batch that its host's replicas
+  train (`params["context"]`), skips the batches a restored checkpoint has
+  already trained (`skip_trained_batches`) and ends it with
+  `append_stopping_signals`, so the feed hook stops training by itself after
+  the last real batch;
 * `model_fn` looks up user and item embeddings (Adagrad) and runs a two-layer
   MLP (Adam), both optimizers wrapped with `skip_padding_steps` so a padding
   step changes no weight, slot or global step; it counts the examples trained
   in a checkpointed variable, and records its metrics, with the per-example
   padding flag as `stopping_signals`, with `BaseEmbeddingHostCall` for AUC
-  and DeepInsight summaries.
+  and DeepInsight summaries. Under `params["use_tpu"]` (a TPU, or the
+  emulated TPU loop of `monolith.core.testing`) the gradients, the counter
+  and the host call are combined over replicas.
 
-Params (beyond TPUEstimator's `batch_size` and `context`): `model_dir`,
-`num_examples`, `seed`, `on_tpu`.
+Params (beyond TPUEstimator's `batch_size`, `context` and `use_tpu`):
+`model_dir`, `num_examples`, `seed`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
-from tensorflow_estimator.python.estimator.tpu import tpu_estimator
+from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import (
@@ -125,17 +129,61 @@ def synthetic_click_log(num_examples: int, seed: int = 0) -> tf.data.Dataset:
     return blocks.unbatch().take(num_examples)
 
 
-def input_fn(params: Mapping[str, Any]) -> tf.data.Dataset:
-    """The click log in batches of `params["batch_size"]`, minus those trained, then padding.
+def _host_batches(
+    dataset: tf.data.Dataset, params: Mapping[str, Any], config: Optional[Any]
+) -> tf.data.Dataset:
+    """This input_fn call's share of the stream, in batches of `params["batch_size"]`.
 
-    The last partial batch is dropped (TPUs need static shapes). On a
+    Every train step trains one global batch of the stream, whatever the
+    topology: the stream is cut into global batches (the last partial one
+    dropped: TPUs need static shapes) and this host keeps the rows its
+    replicas train, in the order TPUEstimator feeds them. Under PER_HOST_V2
+    (the example's setting) host h's replicas are `h * R ... h * R + R - 1`
+    and the host's pipeline yields one batch per replica, in replica order;
+    under PER_HOST_V1 one host batch (split over its replicas); under
+    BROADCAST the whole global batch. So replica r trains rows `r * b` to
+    `(r + 1) * b - 1` of each global batch, and the pod sees exactly the
+    global batches of a one-replica run with the same global batch size.
+    """
+    batch = params["batch_size"]
+    context = params.get("context")
+    if context is None:
+        return dataset.batch(batch, drop_remainder=True)
+    _, host, num_calls, replicas_fed = context.current_input_fn_deployment()
+    mode = tpu_config.InputPipelineConfig.PER_HOST_V2
+    if config is not None:
+        mode = config.tpu_config.per_host_input_for_training
+    # Elements one step takes from this pipeline (one get_next() per replica under PER_HOST_V2).
+    per_step = max(1, replicas_fed) if mode is tpu_config.InputPipelineConfig.PER_HOST_V2 else 1
+    if num_calls == 1 and per_step == 1:
+        return dataset.batch(batch, drop_remainder=True)
+    host_rows = batch * per_step
+    first = host * host_rows
+
+    def host_part(features: Any, labels: Any) -> Any:
+        def rows(tensor: tf.Tensor) -> tf.Tensor:
+            part = tensor[first : first + host_rows]
+            return tf.reshape(part, [per_step, batch] + tensor.shape.as_list()[1:])
+
+        return tf.nest.map_structure(rows, (features, labels))
+
+    global_batches = dataset.batch(host_rows * num_calls, drop_remainder=True)
+    return global_batches.map(host_part).unbatch()
+
+
+def input_fn(params: Mapping[str, Any], config: Optional[Any] = None) -> tf.data.Dataset:
+    """This host's batches of the click log, minus those trained, then padding.
+
+    See `_host_batches` for which rows a host reads (on one host with one
+    replica: all of them, in batches of `params["batch_size"]`). On a
     restored model_dir, `skip_trained_batches` resumes after the batches the
-    checkpoint's global step has trained (the stream is deterministic, so they
-    are the same batches). Padding batches carry the stop signal, which ends
-    training after the real ones.
+    checkpoint's global step has trained on this host (the stream is
+    deterministic, so they are the same batches; each step took
+    `current_input_fn_deployment()[3]` of them under PER_HOST_V2). Padding
+    batches carry the stop signal, which ends training after the real ones.
     """
     dataset = synthetic_click_log(params["num_examples"], params.get("seed", 0))
-    dataset = dataset.batch(params["batch_size"], drop_remainder=True)
+    dataset = _host_batches(dataset, params, config)
     dataset = skip_trained_batches(dataset, context=params.get("context"))
     return append_stopping_signals(dataset).prefetch(2)
 
@@ -159,7 +207,7 @@ def _dense_layer(name: str, inputs: tf.Tensor, units: int, seed: int) -> tf.Tens
     return tf.matmul(inputs, kernel) + bias
 
 
-def _count_examples_trained(padding: tf.Tensor, on_tpu: bool) -> tf.Operation:
+def _count_examples_trained(padding: tf.Tensor, use_tpu: bool) -> tf.Operation:
     """Adds the examples this step trains (all replicas') to a checkpointed counter.
 
     A step is padding when any replica's batch is padding, the rule by which
@@ -168,7 +216,7 @@ def _count_examples_trained(padding: tf.Tensor, on_tpu: bool) -> tf.Operation:
     """
     real = tf.reduce_sum(tf.cast(tf.logical_not(padding), tf.int32))
     padding_batches = tf.cast(tf.reduce_any(padding), tf.int32)
-    if on_tpu:
+    if use_tpu:
         # Each replica holds a copy of the counter: add the same total to all.
         real = tf.compat.v1.tpu.cross_replica_sum(real)
         padding_batches = tf.compat.v1.tpu.cross_replica_sum(padding_batches)
@@ -185,11 +233,11 @@ def _count_examples_trained(padding: tf.Tensor, on_tpu: bool) -> tf.Operation:
 
 
 def _optimizer(
-    optimizer: tf.compat.v1.train.Optimizer, features: Mapping[str, tf.Tensor], on_tpu: bool
+    optimizer: tf.compat.v1.train.Optimizer, features: Mapping[str, tf.Tensor], use_tpu: bool
 ) -> tf.compat.v1.train.Optimizer:
     """`optimizer` applying nothing on padding steps, summed over replicas on a TPU."""
     optimizer = skip_padding_steps(optimizer, features)
-    if on_tpu:
+    if use_tpu:
         # The gradient sum outside skip_padding_steps' conditional: every
         # replica runs it on every step.
         optimizer = tf.compat.v1.tpu.CrossShardOptimizer(optimizer)
@@ -197,7 +245,7 @@ def _optimizer(
 
 
 def _minimize(
-    loss: tf.Tensor, embeddings: list, features: Mapping[str, tf.Tensor], on_tpu: bool
+    loss: tf.Tensor, embeddings: list, features: Mapping[str, tf.Tensor], use_tpu: bool
 ) -> tf.Operation:
     """Adagrad on the embedding tables, Adam on the dense layers; neither trains on padding.
 
@@ -213,10 +261,10 @@ def _minimize(
     sparse = {table.ref() for table in embeddings}
     dense_layers = [v for v in tf.compat.v1.trainable_variables() if v.ref() not in sparse]
     embedding_optimizer = _optimizer(
-        tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5), features, on_tpu
+        tf.compat.v1.train.AdagradOptimizer(learning_rate=0.5), features, use_tpu
     )
     dense_optimizer = _optimizer(
-        tf.compat.v1.train.AdamOptimizer(learning_rate=0.003), features, on_tpu
+        tf.compat.v1.train.AdamOptimizer(learning_rate=0.003), features, use_tpu
     )
     grads_and_vars = dense_optimizer.compute_gradients(
         loss,
@@ -232,7 +280,7 @@ def _minimize(
     )
 
 
-def _host_call(params: Mapping[str, Any], on_tpu: bool) -> BaseEmbeddingHostCall:
+def _host_call(params: Mapping[str, Any], use_tpu: bool) -> BaseEmbeddingHostCall:
     return BaseEmbeddingHostCall(
         params["model_dir"],
         enable_host_call=True,
@@ -243,7 +291,7 @@ def _host_call(params: Mapping[str, Any], on_tpu: bool) -> BaseEmbeddingHostCall
         params={
             **params,
             "enable_host_call": True,
-            "cpu_test": not on_tpu,
+            "cpu_test": not use_tpu,
             "host_call_every_n_steps": 1,
         },
     )
@@ -252,7 +300,8 @@ def _host_call(params: Mapping[str, Any], on_tpu: bool) -> BaseEmbeddingHostCall
 def model_fn(features, labels, mode, params):
     """Embeddings + MLP click model; records AUC metrics with the host call."""
     del mode  # Training only.
-    on_tpu = bool(params.get("on_tpu", False))
+    # TPUEstimator sets it on a TPU, the emulator too; False with use_tpu=False (one replica).
+    use_tpu = bool(params.get("use_tpu", False))
     # Seeded initializers: the same params train the same model, run after run.
     seed = int(params.get("seed", 0))
     padding = features[USER_PROVIDED_SIGNAL_NAME]
@@ -281,13 +330,13 @@ def model_fn(features, labels, mode, params):
     loss = tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
     train_op = tf.group(
-        _minimize(loss, embeddings, features, on_tpu), _count_examples_trained(padding, on_tpu)
+        _minimize(loss, embeddings, features, use_tpu), _count_examples_trained(padding, use_tpu)
     )
 
     # generate_host_call_hook() below orders the host call's global-step read
     # before the optimizer's increment, so every step's summaries are logged
     # under that step's number (built before or after the train op).
-    host_call = _host_call(params, on_tpu)
+    host_call = _host_call(params, use_tpu)
 
     host_call.record_summary_tensor("labels_for_auc_calculation", labels)
     host_call.record_summary_tensor("y_pred_for_auc_calculation", preds)

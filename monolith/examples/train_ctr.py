@@ -1,6 +1,7 @@
 """Train a small CTR model on a finite stream until it ends by itself.
 
     python -m monolith.examples.train_ctr                  # CPU, emulated TPU loop
+    python -m monolith.examples.train_ctr --num_hosts 2 --replicas_per_host 4  # emulated pod
     python -m monolith.examples.train_ctr --tpu=my-tpu --model_dir=gs://bucket/ctr
 
 On CPU (the default) the TPUEstimator model_fn and input_fn of
@@ -11,6 +12,12 @@ runs with `TPUEstimator(use_tpu=True)` on a Cloud TPU, the hook installed with
 `TPUConfig(experimental_feed_hook=...)`. Either way training stops at the end
 of the synthetic stream, the final checkpoint is written, and a report says
 what was trained and where the checkpoint and TensorBoard logs are.
+
+On CPU, `--num_hosts` and `--replicas_per_host` emulate a pod (PER_HOST_V2
+input, as on the TPU path): each host's input_fn reads its replicas' part of
+every global batch, so the pod trains the same global batches (of
+`--batch_size`) as one replica would, and the report gives each host's
+batches.
 
 Restarts: run the same command on the same `--model_dir` and training resumes
 after the batches the checkpoint has trained (`skip_trained_batches`); on a
@@ -69,6 +76,9 @@ class Report:
       tensorboard_logdir: The host call's summaries.
       last_auc: The `auc` summary with the highest step, if this run trained
         any example and wrote one.
+      host_batches: On an emulated pod (more than one replica), per host,
+        `(real, padding)` batches its input fed into this run's steps; None
+        otherwise.
     """
 
     stop_reason: Optional[preemption.StopReason]
@@ -81,6 +91,7 @@ class Report:
     final_checkpoint: Optional[str]
     tensorboard_logdir: str
     last_auc: Optional[float]
+    host_batches: Optional[tuple] = None
 
     def lines(self) -> list:
         auc = "none written" if self.last_auc is None else f"{self.last_auc:.4f}"
@@ -96,10 +107,15 @@ class Report:
             padding = "not counted on this path"
         elif self.padding_steps:
             padding += " (they trained nothing: skip_padding_steps)"
-        return lines + [
+        lines += [
             f"  steps trained:     {self.steps} (global step {self.global_step})",
             f"  padding steps:     {padding}",
             f"  examples trained:  {self.examples} ({self.total_examples} in the model)",
+        ]
+        for host, (real, padding_batches) in enumerate(self.host_batches or ()):
+            label = f"host {host} fed:"
+            lines.append(f"  {label:<19}{real} real and {padding_batches} padding batches")
+        return lines + [
             f"  final checkpoint:  {self.final_checkpoint}",
             f"  TensorBoard logs:  {self.tensorboard_logdir}",
             f"  last AUC:          {auc}",
@@ -199,13 +215,19 @@ def _read_counters(model_dir: str) -> _Counters:
     )
 
 
-def build_report(model_dir: str, start: _Counters, steps_run: Optional[int] = None) -> Report:
+def build_report(
+    model_dir: str,
+    start: _Counters,
+    steps_run: Optional[int] = None,
+    host_batches: Optional[tuple] = None,
+) -> Report:
     """What this run trained: `model_dir`'s final counters minus those it started from.
 
     Args:
       model_dir: The run's model_dir, after training.
       start: The counters it started from (`_read_counters` before training).
       steps_run: Steps the run ran, padding included, if known.
+      host_batches: Per host, `(real, padding)` batches fed, if reported.
     """
     end = _read_counters(model_dir)
     steps = end.global_step - start.global_step
@@ -223,26 +245,30 @@ def build_report(model_dir: str, start: _Counters, steps_run: Optional[int] = No
         # A run that trained no example (a rerun of a finished model_dir) has
         # no AUC of its own: its streaming AUC saw nothing.
         last_auc=last_auc(logdir) if end.examples > start.examples else None,
+        host_batches=host_batches,
     )
 
 
-def _params(args: argparse.Namespace, on_tpu: bool) -> dict:
-    return {
-        "model_dir": args.model_dir,
-        "num_examples": args.num_examples,
-        "seed": args.seed,
-        "on_tpu": on_tpu,
-    }
+def model_params(args: argparse.Namespace) -> dict:
+    """The model's params (TPUEstimator adds `batch_size`, `context` and `use_tpu`)."""
+    return {"model_dir": args.model_dir, "num_examples": args.num_examples, "seed": args.seed}
 
 
 def train_on_cpu(args: argparse.Namespace) -> testing.TrainResult:
-    """Trains through the emulated TPU loop (monolith.core.testing) on CPU."""
+    """Trains through the emulated TPU loop (monolith.core.testing) on CPU.
+
+    `--num_hosts` x `--replicas_per_host` replicas, PER_HOST_V2 input as on
+    the TPU path, `--batch_size` global.
+    """
     return testing.train(
         ctr_model.model_fn,
         ctr_model.input_fn,
         model_dir=args.model_dir,
         iterations_per_loop=args.iterations_per_loop,
-        params={**_params(args, on_tpu=False), "batch_size": args.batch_size},
+        params=model_params(args),
+        train_batch_size=args.batch_size,
+        num_hosts=args.num_hosts,
+        replicas_per_host=args.replicas_per_host,
         save_checkpoints_steps=args.save_checkpoints_steps,
         on_loop_end=_Progress(args.batch_size),
     )
@@ -276,7 +302,7 @@ def train_on_tpu(args: argparse.Namespace) -> None:
     estimator = tpu_estimator.TPUEstimator(
         model_fn=ctr_model.model_fn,
         config=tpu_run_config(args, cluster=resolver),
-        params=_params(args, on_tpu=True),
+        params=model_params(args),
         use_tpu=True,
         train_batch_size=args.batch_size,
     )
@@ -305,12 +331,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="Also save a checkpoint every N steps (default: at the start and the end only; "
         "a SIGTERM stop writes one too).",
     )
+    parser.add_argument(
+        "--num_hosts",
+        type=int,
+        default=1,
+        help="CPU only: hosts of the emulated pod (each with its own input pipeline).",
+    )
+    parser.add_argument(
+        "--replicas_per_host", type=int, default=1, help="CPU only: replicas per emulated host."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="Keep TensorFlow's INFO logs.")
     args = parser.parse_args(argv)
-    for name in ("num_examples", "batch_size", "iterations_per_loop"):
+    for name in ("num_examples", "batch_size", "iterations_per_loop", "num_hosts"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name}={getattr(args, name)} must be positive")
+    if args.replicas_per_host <= 0:
+        parser.error(f"--replicas_per_host={args.replicas_per_host} must be positive")
+    replicas = args.num_hosts * args.replicas_per_host
+    if args.tpu and replicas > 1:
+        parser.error(
+            "--num_hosts and --replicas_per_host describe the emulated pod on CPU; with --tpu "
+            "the TPU's own topology is used"
+        )
+    if args.batch_size % replicas:
+        parser.error(
+            f"--batch_size={args.batch_size} (global) must be divisible by the {replicas} "
+            f"replicas (--num_hosts={args.num_hosts} x "
+            f"--replicas_per_host={args.replicas_per_host})"
+        )
     if args.save_checkpoints_steps is not None and args.save_checkpoints_steps <= 0:
         parser.error(f"--save_checkpoints_steps={args.save_checkpoints_steps} must be positive")
     if args.num_examples < args.batch_size:
@@ -332,6 +381,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         # TensorFlow's deprecation notices would bury the progress lines.
         tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.ERROR)
     where = f"Cloud TPU {args.tpu}" if args.tpu else "CPU (emulated TPU loop)"
+    if args.num_hosts * args.replicas_per_host > 1:
+        where = (
+            f"CPU (emulated pod of {args.num_hosts} hosts x {args.replicas_per_host} replicas, "
+            f"{args.batch_size // (args.num_hosts * args.replicas_per_host)} per replica)"
+        )
     print(
         f"Training a CTR model on {args.num_examples} synthetic examples "
         f"(batch {args.batch_size}, {args.iterations_per_loop} steps per loop) on {where}; "
@@ -340,12 +394,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     )
     start = _read_counters(args.model_dir)
     started = time.monotonic()
+    steps_run = host_batches = None
     if args.tpu:
         train_on_tpu(args)
-        steps_run = None
     else:
-        steps_run = train_on_cpu(args).steps_run
-    report = build_report(args.model_dir, start, steps_run)
+        result = train_on_cpu(args)
+        steps_run = result.steps_run
+        if args.num_hosts * args.replicas_per_host > 1:
+            host_batches = tuple(zip(result.real_batches, result.padding_batches))
+    report = build_report(args.model_dir, start, steps_run, host_batches)
     print(f"Done in {time.monotonic() - started:.1f} s.")
     print("\n".join(report.lines()), flush=True)
     return report

@@ -56,25 +56,50 @@ def _host_call_model_fn(shapes_seen):
 # -- FakeTPUContext -------------------------------------------------------------------
 
 
-def test_fake_context_by_default_reports_model_parallel_broadcast_input():
-    ctx = testing.FakeTPUContext()
-    assert ctx.model_parallelism_enabled is True
-    assert (
-        ctx.config.tpu_config.per_host_input_for_training
-        is tpu_config.InputPipelineConfig.BROADCAST
+def _record_tpu_system_ops(monkeypatch):
+    """Replaces TPU init/shutdown (no CPU kernel) with no-ops that record their job."""
+    calls = []
+
+    def initialize_system(job=None, embedding_config=None):
+        calls.append(("initialize", job))
+        return tf.no_op()
+
+    def shutdown_system(job=None):
+        calls.append(("shutdown", job))
+        return tf.no_op()
+
+    monkeypatch.setattr(tf.compat.v1.tpu, "initialize_system", initialize_system)
+    monkeypatch.setattr(tf.compat.v1.tpu, "shutdown_system", shutdown_system)
+    return calls
+
+
+def test_the_default_fake_context_keeps_the_hook_away_from_the_tpu_system(tmp_path, monkeypatch):
+    calls = _record_tpu_system_ops(monkeypatch)
+    result = testing.train(counting_model_fn, padded_stream_fn(2), model_dir=str(tmp_path))
+    assert result.stopped_at_end_of_stream
+    assert calls == []
+
+
+def test_a_fake_context_that_initialises_the_tpu_has_the_hook_init_and_shut_it_down(
+    tmp_path, monkeypatch
+):
+    calls = _record_tpu_system_ops(monkeypatch)
+    testing.train(
+        counting_model_fn,
+        padded_stream_fn(2),
+        model_dir=str(tmp_path),
+        ctx=testing.FakeTPUContext(initialize_tpu=True, master_job="worker"),
     )
-    assert ctx.master_job is None and ctx.embedding_config is None
-    assert ctx.num_replicas == 1
+    assert sorted(calls) == [("initialize", "worker"), ("shutdown", "worker")]
 
 
-def test_fake_context_that_initialises_the_tpu_reports_per_host_input():
-    ctx = testing.FakeTPUContext(initialize_tpu=True, master_job="worker")
-    assert ctx.model_parallelism_enabled is False
+def test_fake_context_reports_per_host_v2_input_when_it_initialises_the_tpu():
+    ctx = testing.FakeTPUContext(initialize_tpu=True)
     assert (
         ctx.config.tpu_config.per_host_input_for_training
         is tpu_config.InputPipelineConfig.PER_HOST_V2
     )
-    assert ctx.master_job == "worker"
+    assert (ctx.num_hosts, ctx.num_replicas) == (1, 1)
 
 
 # -- build_emulated_training ----------------------------------------------------------

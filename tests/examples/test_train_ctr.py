@@ -46,13 +46,8 @@ def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0)
         model_dir=model_dir,
         iterations_per_loop=4,
         steps=steps,
-        params={
-            "model_dir": model_dir,
-            "num_examples": num_examples,
-            "seed": seed,
-            "on_tpu": False,
-            "batch_size": 64,
-        },
+        params={"model_dir": model_dir, "num_examples": num_examples, "seed": seed},
+        train_batch_size=64,
     )
     return _variables(tf.train.latest_checkpoint(model_dir))
 
@@ -152,6 +147,45 @@ def test_save_checkpoints_steps_writes_checkpoints_during_training(tmp_path):
     # Every 8 steps (at loop boundaries of 4), kept 5 deep by the Saver.
     assert steps == [8, 16, 24, 32, 40]
     assert report.final_checkpoint.endswith("model.ckpt-40")
+
+
+POD = ["--num_hosts", "2", "--replicas_per_host", "2"]
+
+
+def test_a_pod_trains_the_one_replica_runs_global_batches_and_resumes_per_host(tmp_path, capsys):
+    """2 hosts x 2 replicas, the same global batch: the 1x1 model, also across a restart."""
+    model_dir = str(tmp_path / "pod")
+    flags = ["--batch_size", "64", "--iterations_per_loop", "4", *POD, "--model_dir", model_dir]
+    first = train_ctr.main(["--num_examples", "640", *flags])
+    assert first.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert (first.global_step, first.padding_steps, first.examples) == (10, 2, 640)
+    # 10 real steps of 2 batches per host (one per replica), then 2 padding steps.
+    assert first.host_batches == ((20, 4), (20, 4))
+    out = capsys.readouterr().out
+    assert "emulated pod of 2 hosts x 2 replicas, 16 per replica" in out
+    assert "host 0 fed:        20 real and 4 padding batches" in out
+    assert "host 1 fed:        20 real and 4 padding batches" in out
+
+    # The same stream, 6 global batches longer: each host skips its 10 * 2 trained batches.
+    resumed = train_ctr.main(["--num_examples", "1024", *flags])
+    assert (resumed.start_step, resumed.steps, resumed.examples) == (10, 6, 384)
+    assert resumed.host_batches == ((12, 4), (12, 4))
+    reference = _train_exactly(str(tmp_path / "one_replica"), 1024, steps=16)
+    _assert_same_variables(_variables(resumed.final_checkpoint), reference)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_hosts", "2", "--batch_size", "63"], "--batch_size=63 (global) must be divisible"),
+        (["--replicas_per_host", "0"], "--replicas_per_host=0 must be positive"),
+        (["--num_hosts", "2", "--tpu", "my-tpu", "--model_dir", "gs://b/m"], "emulated pod on CPU"),
+    ],
+)
+def test_example_rejects_a_bad_pod(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_ctr.parse_args(flags)
+    assert message in capsys.readouterr().err
 
 
 # `python -m monolith.examples.train_ctr` after tf.compat.v1.disable_v2_behavior(),

@@ -10,20 +10,35 @@ its input pipeline and the feed hook
 (`TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook` by default) run
 unchanged on CPU:
 
-* infeed: a `tf.queue.FIFOQueue`; `enqueue_ops` moves one element of the
-  `input_fn`'s dataset into it (or, with `run_infeed_loop_on_coordinator=False`,
-  a whole loop's worth in one run, as TPUEstimator's device-side loop does);
+* infeed: a `tf.queue.FIFOQueue` per replica; `enqueue_ops` (one op per
+  host's input pipeline) moves one step's elements of the `input_fn`'s
+  dataset into them (or, with `run_infeed_loop_on_coordinator=False`, a
+  whole loop's worth in one run, as TPUEstimator's device-side loop does);
 * train loop: a `tf.while_loop` of `tpu_estimator/iterations_per_loop` steps
-  (the real variable, read at each run) that dequeues a batch, calls the
-  `model_fn`, and after its `train_op` enqueues the step's outfeed;
+  (the real variable, read at each run) that dequeues each replica's batch,
+  calls the `model_fn` once per replica, and after replica 0's `train_op`
+  enqueues the step's outfeed;
 * outfeed: a second FIFOQueue; `dequeue_ops` is
   `{_USER_PROVIDED_SIGNAL_NAME: {"stopping": ...}, "host_call": host_fn(*tensors),
   "__force_dequeue": ...}` as TPUEstimator builds it, so the outfeed thread
-  runs the host call. Tensors pass through unchanged: TPUEstimator
-  concatenates them over replicas along axis 0, which for one replica is the
-  identity, so a host call sees `[1, N]` for a per-replica `[1, N]` tensor.
+  runs the host call, with each tensor concatenated over replicas along axis
+  0 in replica order, as TPUEstimator does (a host call sees `[1, N]` for a
+  per-replica `[1, N]` tensor on one replica, `[num_replicas, N]` on a pod).
   As on TPU, a model without host call outfeeds its loss, and
   `outfeed_every_n_steps` skips the outfeed on the other steps.
+
+A pod: `num_hosts` x `replicas_per_host` (1 x 1 by default), fed as
+`per_host_input_for_training` says (PER_HOST_V2 by default, PER_HOST_V1,
+BROADCAST): `input_fn` is called once per host (once under BROADCAST) with
+TPUEstimator's `params["batch_size"]` and `params["context"]`, each host's
+pipeline feeds its replicas' infeed queues, and one feed hook runs the
+enqueue ops of every host. The `model_fn` is built once per replica, on that
+replica's batch, over one set of variables (replica 0's), and
+`cross_replica_sum` (so `CrossShardOptimizer` and the stop rule's
+`sum_over_replicas`) is the true sum over all replicas. The loop applies
+replica 0's update once per step, which is what every replica's identical
+copy applies on a TPU. See `build_emulated_training` for the details and
+what is not emulated.
 
 The TPU system cannot be initialised on CPU. `FakeTPUContext()` therefore
 reports model parallelism with BROADCAST input by default, the one case in
@@ -39,12 +54,12 @@ body is a while_v2 FuncGraph). Initial values must not depend on tensors of
 the step (use initializers or Python values), as on TPU. It must increment
 the global step (e.g. `optimizer.minimize(..., global_step=...)`), as for
 TPUEstimator. Summary ops belong in the host call, not in the step.
-`cross_replica_sum` (e.g. of `CrossShardOptimizer`) builds the identity, which
-is what it computes for one replica; other TPU-only ops have no CPU kernel.
+`cross_replica_sum` (e.g. of `CrossShardOptimizer`) sums over the emulated
+replicas (the identity for one); other TPU-only ops have no CPU kernel.
 
 As TPUEstimator.train (use_tpu=True) does, `train` gives `input_fn` and
-`model_fn` `params["batch_size"]` (with `train_batch_size`), `params["context"]`
-(a `TPUContext` of one host with one replica), `params["use_tpu"] = True`
+`model_fn` `params["batch_size"]` (with `train_batch_size`, the global
+batch), `params["context"]` (a `TPUContext` of the emulated pod), `params["use_tpu"] = True`
 (model_fn only) and `config` (a `tpu_config.RunConfig`); raises
 `NanLossDuringTrainingError` on a NaN loss (`NanTensorHook`); sets SIGINT to
 SIG_DFL before every loop (`InstallSignalHandlerHook`), so Ctrl-C ends the
@@ -53,10 +68,12 @@ process at once; logs loss/step and steps and examples per second every
 `train` for the differences that remain.
 
 The pieces are one module per concern, each built from one frozen options
-object: `options`, `user_params` (what `input_fn`/`model_fn` receive),
-`infeed`, `step` and `outfeed` (the three graph pieces), `graph` (wires them
-and the feed hook), `runner` (the TPUEstimator.train-like MonitoredSession
-run), `results`, `fake_context`; `training` holds the public entry points.
+object: `options`, `topology` (the pod and TPUEstimator's input rules),
+`user_params` (what `input_fn`/`model_fn` receive), `infeed`, `step` and
+`outfeed` (the three graph pieces), `replicas` (one step over every replica)
+and `collectives` (`cross_replica_sum`), `graph` (wires them and the feed
+hook), `runner` (the TPUEstimator.train-like MonitoredSession run),
+`results`, `fake_context`; `training` holds the public entry points.
 Import the public names from `monolith.core.testing`.
 
 Public API: `FakeTPUContext`, `EmulatedTPUTraining`, `build_emulated_training`,

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 from tensorflow_estimator.python.estimator.tpu import tpu_config
 
+from monolith.core.common.validation import positive_int
+
 __all__ = ["FakeTPUContext"]
 
 
@@ -16,7 +18,11 @@ class FakeTPUContext:
     Attributes read by the feed hook: `master_job`, `embedding_config`,
     `model_parallelism_enabled`, `config.tpu_config.initial_infeed_sleep_secs`
     and `config.tpu_config.per_host_input_for_training` (`config.tpu_config` is
-    a real `TPUConfig`). `num_replicas` is 1.
+    a real `TPUConfig`). The emulated pod's shape, as `_InternalTPUContext`
+    names it: `num_hosts`, `num_replicas`, `num_of_replicas_per_host` (the
+    emulator passes its topology; 1 host with 1 replica by default). How the
+    input is deployed is the emulator's `per_host_input_for_training`, not
+    this context's, whose input mode only steers the hook's TPU initialisation.
 
     Args:
       initialize_tpu: False (default) reports model parallelism with BROADCAST
@@ -28,9 +34,9 @@ class FakeTPUContext:
       embedding_config: TPUEstimator's embedding config (None: no TPU embedding).
       iterations_per_loop: Stored in `config.tpu_config` for reference only;
         the loop size is the variable set by `iterations_per_loop_hook`.
+      num_hosts: Hosts of the emulated pod.
+      replicas_per_host: Replicas per host.
     """
-
-    num_replicas = 1
 
     def __init__(
         self,
@@ -40,7 +46,12 @@ class FakeTPUContext:
         initial_infeed_sleep_secs: Optional[int] = None,
         embedding_config: Any = None,
         iterations_per_loop: int = 2,
+        num_hosts: int = 1,
+        replicas_per_host: int = 1,
     ):
+        self.num_hosts = positive_int("num_hosts", num_hosts)
+        self.num_of_replicas_per_host = positive_int("replicas_per_host", replicas_per_host)
+        self.num_replicas = self.num_hosts * self.num_of_replicas_per_host
         self.master_job = master_job
         self.embedding_config = embedding_config
         self.model_parallelism_enabled = not initialize_tpu

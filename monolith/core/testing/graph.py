@@ -54,6 +54,7 @@ def build(
     batch_size = options.train_batch_size
     if batch_size is None:
         batch_size = infeed.static_batch_size()
+    topology = options.topology
     return EmulatedTPUTraining(
         hook=hook,
         train_op=loop.train_op,
@@ -68,4 +69,8 @@ def build(
         training_hooks=tuple(getattr(loop.spec, "training_hooks", None) or ()),
         iterator_initializer=infeed.iterator_initializer,
         batch_size=batch_size,
+        real_batches=loop.real_batches,
+        padding_batches=loop.padding_batches,
+        num_hosts=topology.num_hosts,
+        replicas_per_host=topology.replicas_per_host,
     )

@@ -8,6 +8,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import error_handling
 
+from monolith.core.testing.topology import Topology
+
 
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
@@ -29,6 +31,7 @@ class BuildOptions:
       train_batch_size: TPUEstimator's `train_batch_size` (None: no
         `params["batch_size"]` is added).
       config: The `RunConfig` `input_fn`/`model_fn` receive as `config` (deep-copied).
+      topology: The emulated pod: hosts, replicas per host and input mode.
     """
 
     params: Mapping[str, Any]
@@ -44,6 +47,7 @@ class BuildOptions:
     hook_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     train_batch_size: Optional[int] = None
     config: Any = None
+    topology: Topology = Topology()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu import error_handling
@@ -17,19 +17,25 @@ class EmulatedTPUTraining:
       hook: The feed hook (an instance of `hook_class`), built with exactly the
         keyword arguments TPUEstimator passes.
       train_op: Runs one loop of `iterations_per_loop` steps.
-      loss: The loss of the loop's last step (float32).
+      loss: Replica 0's loss of the loop's last step (float32), as TPUEstimator reports.
       loop_steps: How many steps the loop ran (int32), fetch with `train_op`.
       global_step: The global step variable.
       global_step_after_loop: The global step read after the loop.
       iterations_per_loop_var: `tpu_estimator/iterations_per_loop`.
-      enqueue_ops: What the infeed thread runs.
+      enqueue_ops: What the infeed thread runs: one op per host's input pipeline.
       dequeue_ops: What the outfeed thread runs (dict, see the module docstring).
       rendezvous: The `ErrorRendezvous` given to the hook.
       training_hooks: `TPUEstimatorSpec.training_hooks` of the model_fn.
-      iterator_initializer: Initialises the input iterator (also run by the
-        hook, as one of its `tpu_init_ops`, before the feed threads start).
+      iterator_initializer: Initialises every host's input iterator (also run
+        by the hook, as one of its `tpu_init_ops`, before the feed threads start).
       batch_size: The global batch size (`train_batch_size`, else the static
-        leading dimension of the input's first component, else None).
+        leading dimension of the input's first component over the replicas,
+        else None).
+      real_batches: Per host (`[num_hosts]` int64), the real batches its input
+        pipeline fed into the loop's steps; fetch with `train_op`.
+      padding_batches: Per host, the padding batches likewise.
+      num_hosts: Hosts of the emulated pod.
+      replicas_per_host: Replicas per host.
     """
 
     hook: tf.compat.v1.train.SessionRunHook
@@ -45,6 +51,10 @@ class EmulatedTPUTraining:
     training_hooks: tuple
     iterator_initializer: tf.Operation
     batch_size: Optional[int] = None
+    real_batches: Optional[tf.Tensor] = None
+    padding_batches: Optional[tf.Tensor] = None
+    num_hosts: int = 1
+    replicas_per_host: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,13 @@ class TrainResult:
       loss: Loss of the last step run (None when no loop ran).
       initial_global_step: Global step when the session was created (restored
         from `model_dir`, 0 for a new one).
+      real_batches: One int per host: the real batches (elements of the
+        host's input pipeline without the padding flag, or without the
+        signal feature) it fed into the steps this call ran. Under
+        PER_HOST_V2 one per replica of the host per step; under PER_HOST_V1
+        one per host per step; under BROADCAST host 0 feeds one per step.
+      padding_batches: One int per host: the padding batches (signal feature
+        set) it fed into those steps.
     """
 
     global_step: int
@@ -71,6 +88,8 @@ class TrainResult:
     final_checkpoint: Optional[str]
     loss: Optional[float]
     initial_global_step: int = 0
+    real_batches: Tuple[int, ...] = (0,)
+    padding_batches: Tuple[int, ...] = (0,)
 
     @property
     def uncounted_steps(self) -> int:

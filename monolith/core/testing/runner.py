@@ -20,7 +20,6 @@ from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_esti
 from tensorflow_estimator.python.estimator.tpu import util as _tpu_util
 
 from monolith.core.common.validation import positive_int
-from monolith.core.feed import preemption
 from monolith.core.testing import graph
 from monolith.core.testing.options import RunOptions
 from monolith.core.testing.results import EmulatedTPUTraining, TrainResult
@@ -44,19 +43,28 @@ def stop_at_step_hook(
 
 
 class _RunCounter(tf.compat.v1.train.SessionRunHook):
-    """Counts the loops and steps run and reads the first session's global step.
+    """Counts the loops and steps run, the batches each host fed, and the first global step.
 
     First among the hooks, so a loop whose `session.run` succeeded is counted
     even when a later hook's `after_run` raises (e.g. AbortedError, after which
     MonitoredSession recreates the session and restores the last checkpoint).
-    Only the first session's global step is kept as the initial one.
+    Only the first session's global step is kept as the initial one. The
+    per-host batch counts are the loop's own outputs, added up here.
     """
 
     def __init__(self, built: EmulatedTPUTraining):
         self._global_step = built.global_step
-        self._fetches = [built.loop_steps, built.loss, built.global_step_after_loop]
+        self._fetches = [
+            built.loop_steps,
+            built.loss,
+            built.global_step_after_loop,
+            built.real_batches,
+            built.padding_batches,
+        ]
         self.initial_global_step: Optional[int] = None
         self.steps_run = self.loops_run = 0
+        self.real_batches = [0] * built.num_hosts
+        self.padding_batches = [0] * built.num_hosts
         self.last: Optional[tuple] = None  # (global_step, loop_steps, loss) of the last loop
 
     def after_create_session(self, session: Any, coord: Any) -> None:
@@ -67,9 +75,12 @@ class _RunCounter(tf.compat.v1.train.SessionRunHook):
         return tf.compat.v1.train.SessionRunArgs(self._fetches)
 
     def after_run(self, run_context: Any, run_values: Any) -> None:
-        loop_steps, loss, global_step = run_values.results
+        loop_steps, loss, global_step, real, padding = run_values.results
         self.steps_run += int(loop_steps)
         self.loops_run += 1
+        for host, (host_real, host_padding) in enumerate(zip(real, padding)):
+            self.real_batches[host] += int(host_real)
+            self.padding_batches[host] += int(host_padding)
         self.last = (int(global_step), int(loop_steps), float(loss))
         logging.debug(
             "Loop %d ran %d steps, global step %d, loss %s.",
@@ -81,14 +92,15 @@ class _RunCounter(tf.compat.v1.train.SessionRunHook):
 
 
 def _stopped_at_end_of_stream(feed_hook: Any) -> bool:
-    """Whether the feed hook stopped training because the stream ended.
+    """Whether the feed hook's outfeed thread saw the end of the stream.
 
-    The feed hook also stops on SIGTERM through the same path (`stopping_signal`
-    and OutOfRangeError); `preemption.last_stop_reason()` tells the two apart.
+    Its `stopping_signal` is set only by the stop flag of the input (the
+    stream ended); the SIGTERM stop leaves it unset (it raises OutOfRangeError
+    from `before_run` on the SIGTERM flag alone), so a SIGTERM stop reports
+    False. A hook class without `stopping_signal` (e.g. TPUEstimator's stock
+    hook) never stops at the end of the stream.
     """
-    if not getattr(feed_hook, "stopping_signal", False):
-        return False
-    return preemption.last_stop_reason() is not preemption.StopReason.SIGTERM
+    return bool(getattr(feed_hook, "stopping_signal", False))
 
 
 def _saver_hook(
@@ -191,6 +203,8 @@ def run(
             final_checkpoint=final_checkpoint,
             loss=counter.last[2] if counter.last is not None else None,
             initial_global_step=counter.initial_global_step or 0,
+            real_batches=tuple(counter.real_batches),
+            padding_batches=tuple(counter.padding_batches),
         )
 
 

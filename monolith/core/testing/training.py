@@ -19,6 +19,10 @@ from monolith.core.testing import user_params as _user_params
 from monolith.core.testing.fake_context import FakeTPUContext
 from monolith.core.testing.options import BuildOptions, RunOptions
 from monolith.core.testing.results import EmulatedTPUTraining, TrainResult
+from monolith.core.testing.topology import Topology, make_topology
+
+_PER_HOST_V2 = tpu_config.InputPipelineConfig.PER_HOST_V2
+_ONE_HOST_ONE_REPLICA = Topology()
 
 __all__ = [
     "EmulatedTPUTraining",
@@ -45,17 +49,23 @@ def _build_options(
     hook_kwargs: Optional[Mapping[str, Any]] = None,
     train_batch_size: Optional[int] = None,
     config: Any = None,
+    topology: Topology = _ONE_HOST_ONE_REPLICA,
 ) -> BuildOptions:
     """Validates the arguments once, where they enter, and freezes them."""
     params = dict(params or {})
     positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
     if train_batch_size is not None:
         positive_int("train_batch_size", train_batch_size)
+    topology.check_global_batch_size(train_batch_size)
     _user_params.check_params(params, train_batch_size)
+    if ctx is None:
+        ctx = FakeTPUContext(
+            num_hosts=topology.num_hosts, replicas_per_host=topology.replicas_per_host
+        )
     return BuildOptions(
         params=types.MappingProxyType(params),
         hook_class=hook_class,
-        ctx=ctx if ctx is not None else FakeTPUContext(),
+        ctx=ctx,
         rendezvous=(
             rendezvous if rendezvous is not None else error_handling.ErrorRendezvous(num_sources=3)
         ),
@@ -68,6 +78,7 @@ def _build_options(
         hook_kwargs=types.MappingProxyType(dict(hook_kwargs or {})),
         train_batch_size=train_batch_size,
         config=config,
+        topology=topology,
     )
 
 
@@ -88,6 +99,9 @@ def build_emulated_training(
     hook_kwargs: Optional[Mapping[str, Any]] = None,
     train_batch_size: Optional[int] = None,
     config: Optional[tpu_config.RunConfig] = None,
+    num_hosts: int = 1,
+    replicas_per_host: int = 1,
+    per_host_input_for_training: Any = _PER_HOST_V2,
 ) -> EmulatedTPUTraining:
     """Builds the emulated TPU training graph in the default graph.
 
@@ -95,15 +109,68 @@ def build_emulated_training(
     session will run. Nothing runs here; hooks and threads start when a
     MonitoredSession is created with `hook` (see `train` for the full pattern).
 
+    The emulated pod (`num_hosts` x `replicas_per_host`), as TPUEstimator runs one:
+
+    * Input: `input_fn` is called once per host (once, for host 0, under
+      BROADCAST), with `params["batch_size"]` per replica under PER_HOST_V2,
+      per host under PER_HOST_V1 and global under BROADCAST, and
+      `params["context"]` answering as TPUEstimator's `TPUContext` does:
+      `current_input_fn_deployment()` is `(host device, host, num_hosts,
+      replicas_per_host)` (under BROADCAST `(device, 0, 1, num_replicas)`),
+      `current_host`, `num_hosts`, `num_replicas`. Replicas are numbered host
+      by host (host h's replicas are `h * replicas_per_host + i`). Each step
+      takes, under PER_HOST_V2, one element per replica from its host's
+      iterator, in replica order; under PER_HOST_V1 one element per host,
+      split along axis 0 over its replicas; under BROADCAST one element,
+      given whole to every replica. Every host's device is this process's CPU.
+    * Step: the `model_fn` runs once per replica, on that replica's batch,
+      with `params["batch_size"]` per replica (global under BROADCAST). There
+      is one set of variables: replica 0 creates them and the others get
+      them back (`tf.compat.v1.get_variable` by name, other variable
+      creations by creation order), so the model_fn must create the same
+      variables on every replica. `cross_replica_sum` (and so
+      `CrossShardOptimizer`, whose MEAN reduction divides by the
+      `tpu_shard_context` of `num_replicas` the emulator sets) is the exact
+      sum over the replicas, and its gradient is the cross-replica sum of
+      the gradient, as on TPU. The loop runs replica 0's `train_op`: the
+      update is applied once per step, which is what each replica's
+      identical copy applies on a TPU, and a checkpoint holds what every
+      copy holds there. The other replicas' forward and backward passes run
+      as inputs of the collectives.
+    * Outfeed: each host-call tensor reaches the host function concatenated
+      over replicas along axis 0, in replica order (`[num_replicas * k, ...]`
+      for a per-replica `[k, ...]`; under BROADCAST replica 0's, as
+      TPUEstimator assumes identical replicas there), and so does every
+      replica's stop flag: one feed hook gets every host's enqueue ops.
+    * Replica ids: TPUEstimator does not tell the model_fn which replica it
+      runs on, and neither does the emulator. A replica learns it through its
+      input: under PER_HOST_V2 host h's dataset feeds its replicas in replica
+      order, so its element j goes to replica `h * replicas_per_host + j %
+      replicas_per_host`; an input_fn can add that as a feature (e.g. with
+      `Dataset.enumerate()`), on a TPU and here alike.
+
+    Not emulated: the other replicas' own state updates never run, so state
+    that differs between replicas is replica 0's (a variable assigned from
+    local data without `cross_replica_sum`, as a TPU checkpoint would also
+    hold replica 0's copy; per-replica TPU variables such as the caching
+    `BaseEmbeddingHostCall`'s window are updated for replica 0 only), and
+    the other replicas' train ops have no side effects. A `cross_replica_sum`
+    inside a `tf.cond`/`tf.while_loop` of the model_fn must sum a value
+    computed outside it (a ValueError says so). No PER_SHARD_V1 input, model
+    parallelism, TPU embedding, `tf.raw_ops.CrossReplicaSum` or other
+    collectives (all-to-all, permute). Replicas run in one CPU graph, one
+    copy of the step per replica: the pod's speed is not a TPU's.
+
     Args:
       model_fn: TPUEstimator-style `model_fn(features, labels, mode, params[, config])`
         (any subset of those argument names) returning a `TPUEstimatorSpec` or
         `EstimatorSpec` with `loss` and `train_op`; `host_call` and
-        `training_hooks` of a `TPUEstimatorSpec` are honoured. Called once,
-        inside the loop body, with mode TRAIN.
+        `training_hooks` of a `TPUEstimatorSpec` are honoured (replica 0's).
+        Called once per replica, inside the loop body, with mode TRAIN.
       input_fn: Returns a `tf.data.Dataset` of `features` or `(features, labels)`
-        batches of dense tensors (called with those of `params`, `config` and
-        `mode` it takes), or the dataset itself (built in the default graph).
+        batches of dense tensors (called per host, with those of `params`,
+        `config` and `mode` it takes), or, on one host, the dataset itself
+        (built in the default graph).
       params: Deep-copied for each `input_fn`/`model_fn` call, with
         `batch_size` (if `train_batch_size` is given), `context` and, for the
         model_fn, `use_tpu=True` added as TPUEstimator adds them. Must not hold
@@ -125,14 +192,25 @@ def build_emulated_training(
       session_config: Passed to the hook.
       hook_kwargs: Extra keyword arguments for `hook_class` (e.g. `join_timeout_secs`).
       train_batch_size: TPUEstimator's `train_batch_size`: the global batch
-        size, given as `params["batch_size"]` (one host, one replica: the
-        per-host and per-replica sizes are the global one). None: no
-        `batch_size` is added.
+        size; `input_fn` and `model_fn` get their share as
+        `params["batch_size"]` (see above). It must be divisible by the
+        number of replicas, except under BROADCAST. None: no `batch_size` is
+        added (a `batch_size` in `params` is passed through unchanged).
       config: What `input_fn`/`model_fn` receive as `config` (deep-copied);
         None passes None (`train` passes the RunConfig of the run).
+      num_hosts: Hosts of the emulated pod (default 1).
+      replicas_per_host: Replicas per host (default 1).
+      per_host_input_for_training: How the input reaches the replicas, a
+        `tpu_config.InputPipelineConfig`: PER_HOST_V2 (default, the original
+        runner's), PER_HOST_V1 or BROADCAST.
 
     Returns:
       An `EmulatedTPUTraining`.
+
+    Raises:
+      TypeError, ValueError: a bad count or input mode (naming it);
+        `train_batch_size` not divisible by the replicas; an input_fn that
+        returns different structures on different hosts.
     """
     options = _build_options(
         params=params,
@@ -148,6 +226,7 @@ def build_emulated_training(
         hook_kwargs=hook_kwargs,
         train_batch_size=train_batch_size,
         config=config,
+        topology=make_topology(num_hosts, replicas_per_host, per_host_input_for_training),
     )
     return _graph.build(model_fn, input_fn, options)
 
@@ -194,6 +273,9 @@ def train(
     on_loop_end: Optional[Callable[[int, int, float], None]] = None,
     train_batch_size: Optional[int] = None,
     log_step_count_steps: Optional[int] = 100,
+    num_hosts: int = 1,
+    replicas_per_host: int = 1,
+    per_host_input_for_training: Any = _PER_HOST_V2,
 ) -> TrainResult:
     """Trains like `TPUEstimator.train` (use_tpu=True), on CPU, through the emulated wiring.
 
@@ -212,15 +294,16 @@ def train(
     same path), at `steps`/`max_steps`, or on error.
 
     As TPUEstimator does:
-    * `input_fn` and `model_fn` get `params["batch_size"]` (`train_batch_size`;
-      one host with one replica, so per host, per replica and global sizes
-      are equal), `params["context"]` (a `TPUContext`:
+    * `input_fn` (per host) and `model_fn` (per replica) get their share of
+      `train_batch_size` as `params["batch_size"]`, `params["context"]` (a
+      `TPUContext` of the emulated pod; on one host with one replica
       `current_input_fn_deployment()` is `("/device:CPU:0", 0, 1, 1)`), the
       model_fn `params["use_tpu"] = True`, and both `config`: a
       `tpu_config.RunConfig` with this `model_dir`, `iterations_per_loop`,
-      PER_HOST_V2 input, `outfeed_every_n_steps` as
+      `per_host_input_for_training`, `outfeed_every_n_steps` as
       `experimental_host_call_every_n_steps`, the checkpoint settings and
-      `session_config` (`log_step_count_steps` None, as TPUEstimator replaces it).
+      `session_config` (`log_step_count_steps` None, as TPUEstimator replaces
+      it). See `build_emulated_training` for the pod.
     * A NaN loss (the loss of a loop's last step) raises
       `tf.compat.v1.train.NanLossDuringTrainingError`; no final checkpoint is written.
     * Before every loop SIGINT is set to SIG_DFL, so Ctrl-C ends the process
@@ -232,9 +315,9 @@ def train(
       not a session cancellation) is raised.
 
     Differences from TPUEstimator.train that remain:
-    * One host with one replica; TPU-only ops cannot run on CPU, except
-      `CrossReplicaSum` (e.g. from `CrossShardOptimizer`), which is the
-      identity for one replica and is bypassed.
+    * TPU-only ops cannot run on CPU, except `CrossReplicaSum` (e.g. from
+      `CrossShardOptimizer`), which the emulator computes; what the pod does
+      not emulate is listed in `build_emulated_training`.
     * `train_batch_size` may be None (TPUEstimator requires it): then no
       `params["batch_size"]` is added, and a `batch_size` in `params` is
       passed through; examples/sec uses the input's static batch size.
@@ -268,9 +351,11 @@ def train(
       train_batch_size: TPUEstimator's `train_batch_size` (see above).
       log_step_count_steps: RunConfig's `log_step_count_steps` (default 100):
         log every this many loops; None: no logging hooks.
+      num_hosts, replicas_per_host, per_host_input_for_training: The emulated
+        pod, see `build_emulated_training`.
 
     Returns:
-      A `TrainResult`.
+      A `TrainResult` (with the real and padding batches each host fed).
     """
     if not model_dir:
         raise ValueError(f"model_dir={model_dir!r} must name a directory.")
@@ -282,10 +367,12 @@ def train(
     if log_step_count_steps is not None:
         positive_int("log_step_count_steps", log_step_count_steps)
     positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
+    topology = make_topology(num_hosts, replicas_per_host, per_host_input_for_training)
     rendezvous = error_handling.ErrorRendezvous(num_sources=3)
     config = _user_params.default_run_config(
         model_dir,
         iterations_per_loop,
+        topology.input_mode,
         outfeed_every_n_steps=outfeed_every_n_steps,
         save_checkpoints_steps=save_checkpoints_steps,
         save_checkpoints_secs=save_checkpoints_secs,
@@ -303,6 +390,7 @@ def train(
             hook_kwargs=hook_kwargs,
             train_batch_size=train_batch_size,
             config=config,
+            topology=topology,
         ),
         model_dir=model_dir,
         iterations_per_loop=iterations_per_loop,
