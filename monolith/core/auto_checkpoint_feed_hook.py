@@ -228,9 +228,8 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         MonitoredSession calls it again (without `end()`) when it recreates the
         session after AbortedError/UnavailableError.
         """
-        previous, self._feed = self._feed, None
-        if previous is not None:
-            previous.retire()  # The old threads are joined before new ones start.
+        if self._feed is not None:
+            self._feed.retire()  # The old threads are joined before new ones start.
         watchdog_timeout = tpu_system.watchdog_timeout_from_env()  # Raises before any thread.
         if self._sigterm is None:
             self._sigterm = preemption.install_sigterm_stop(is_active=self._training)
@@ -264,8 +263,8 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             raise
 
     def _training(self) -> bool:
-        """Whether the current session trains (the SIGTERM watcher's `is_active`)."""
-        return self._feed is not None and self._feed.training
+        """The SIGTERM watcher's `is_active`: the run is starting or its current session trains."""
+        return self._feed is None or self._feed.training
 
     def before_run(self, run_context: Any) -> None:
         """Stops at end of stream or after SIGTERM, else sends the next loop size to the threads.
