@@ -93,8 +93,9 @@ class _Driver:
                 tf.compat.v1.local_variables_initializer(),
             ]
         )
-        (loop_size,) = tf.compat.v1.get_collection("tpu_estimator_iterations_per_loop")
-        loop_size.load(self.iterations_per_loop, self.session)
+        # TPUEstimator's loop-size variable (a subclass may use its own instead).
+        for loop_size in tf.compat.v1.get_collection("tpu_estimator_iterations_per_loop"):
+            loop_size.load(self.iterations_per_loop, self.session)
         self.hook.after_create_session(self.session, self.coord)
         return self
 
@@ -238,6 +239,23 @@ def test_several_iterations_per_loop_variables_raise_runtime_error():
             _hook()._create_or_get_iterations_per_loop()
 
 
+@pytest.mark.timeout(60)
+def test_before_run_sends_the_loop_size_of_an_overridden_loop_variable(clean_env):
+    class OwnLoopVariableHook(Hook):
+        def _create_or_get_iterations_per_loop(self):
+            return tf.compat.v1.get_variable("own_loop_size", initializer=3, trainable=False)
+
+    with tf.Graph().as_default():
+        enqueued = _Counter("enqueued")
+        hook = OwnLoopVariableHook(
+            FakeTPUContext(), [enqueued.increment], [tf.no_op()], tpu_compile_op=tf.no_op()
+        )
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            hook.end(driver.session)
+            assert driver.session.run(enqueued.var) == 3
+
+
 # -- feed threads ---------------------------------------------------------------------
 
 
@@ -267,6 +285,14 @@ def test_outfeed_runs_dequeue_ops_every_n_steps_of_each_loop(clean_env, every_n,
             driver.loop()
             hook.end(driver.session)
             assert driver.session.run(dequeued.var) == 2 * per_loop
+
+
+@pytest.mark.parametrize("body", ["_run_infeed", "_run_outfeed"])
+def test_a_thread_body_called_outside_a_feed_thread_raises_a_clear_error(body):
+    with tf.Graph().as_default():
+        hook = _hook()
+        with pytest.raises(RuntimeError, match="No feed session on thread 'MainThread'"):
+            getattr(hook, body)(None, None)
 
 
 def _signal_dequeue_ops(stopping):

@@ -1,12 +1,14 @@
 """The original hook's overridable methods are called where the original calls them.
 
 A user of the original may subclass the hook and override any method the
-original calls internally: `_create_or_get_iterations_per_loop` (from
-`begin`), `_create_infeed_controller`, `_assertCompilationSucceeded` (from
-`after_create_session`), `_run_infeed` and `_run_outfeed` (the feed threads'
-bodies), and write `stopping_signal` from the outfeed thread. Each test trains
-through `monolith.core.testing.train` with such a subclass and checks that the
-override took effect.
+original calls internally: `_create_infeed_controller`,
+`_assertCompilationSucceeded` (from `after_create_session`), `_run_infeed`
+and `_run_outfeed` (the feed threads' bodies), and write `stopping_signal`
+from the outfeed thread. Each test trains through `monolith.core.testing.train`
+with such a subclass and checks that the override took effect.
+(`_create_or_get_iterations_per_loop`, called by `begin()`, is
+`test_before_run_sends_the_loop_size_of_an_overridden_loop_variable` in
+test_auto_checkpoint_feed_hook.py, by hand: cheaper, and the same calls.)
 """
 
 from __future__ import annotations
@@ -46,21 +48,23 @@ def _train(tmp_path, hook_class, num_batches=3, **kwargs):
     )
 
 
-@pytest.mark.parametrize(
-    "body, thread_name",
-    [("_run_infeed", "InfeedController"), ("_run_outfeed", "OutfeedController")],
-)
-def test_a_wrapped_thread_body_runs_once_per_session_on_its_feed_thread(
-    tmp_path, body, thread_name
-):
+def test_the_feed_threads_run_the_hooks_thread_bodies_once_per_session(tmp_path):
     calls = []
 
-    def wrapped(self, queue_ctx, session):
-        calls.append((threading.current_thread().name, type(session)))
-        getattr(Hook, body)(self, queue_ctx, session)
+    class WrappingHook(Hook):
+        def _run_infeed(self, queue_ctx, session):
+            calls.append(("_run_infeed", threading.current_thread().name, type(session)))
+            super()._run_infeed(queue_ctx, session)
 
-    result = _train(tmp_path, type("WrappingHook", (Hook,), {body: wrapped}))
-    assert calls == [(thread_name, tf.compat.v1.Session)]
+        def _run_outfeed(self, queue_ctx, session):
+            calls.append(("_run_outfeed", threading.current_thread().name, type(session)))
+            super()._run_outfeed(queue_ctx, session)
+
+    result = _train(tmp_path, WrappingHook)
+    assert sorted(calls) == [
+        ("_run_infeed", "InfeedController", tf.compat.v1.Session),
+        ("_run_outfeed", "OutfeedController", tf.compat.v1.Session),
+    ]
     assert result.stopped_at_end_of_stream and result.global_step == 3 + 1
     assert read_counts(result.final_checkpoint)["real_examples"] == 3 * 2
 
@@ -117,16 +121,3 @@ def test_an_overridden_compilation_check_can_stop_before_the_first_loop(tmp_path
     assert [r.status_error_message for r in results] == [""]  # the compile op's real result
     assert result.steps_run == 0 and result.global_step == 0
     assert live_feed_threads() == []
-
-
-def test_an_overridden_loop_variable_getter_is_what_begin_uses(tmp_path):
-    created = []
-
-    class RecordingHook(Hook):
-        def _create_or_get_iterations_per_loop(self):
-            created.append(super()._create_or_get_iterations_per_loop())
-            return created[-1]
-
-    result = _train(tmp_path, RecordingHook)
-    assert [v.name for v in created] == ["tpu_estimator/iterations_per_loop:0"]
-    assert result.stopped_at_end_of_stream
