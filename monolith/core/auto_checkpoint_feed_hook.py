@@ -43,7 +43,7 @@ from monolith.core.feed.session import (
     current_feed_session,
     feed_session_of_thread,
 )
-from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME, stopping_signals
+from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME
 
 __all__ = [
     "FeedController",
@@ -200,7 +200,9 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             queue_ctx, session, self._dequeue_ops, every_n_steps=self._outfeed_every_n_steps
         )
 
-    def _create_infeed_controller(self, name: str, target: Any, args: Sequence[Any]) -> Any:
+    def _create_infeed_controller(
+        self, name: str, target: Any, args: Sequence[Any]
+    ) -> FeedController:
         """The infeed controller; a subclass may return any `FeedController`.
 
         Called once per session by `after_create_session`: `target(controller,
@@ -302,6 +304,6 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         Called by TPUEstimator inside the TPU train step (and by
         `monolith.core.testing`). `signals` is None when `features` carry no
         signal, else `{"stopping": bool tensor}`, summed over replicas inside a
-        TPU replicate context (see `feed.signal.stopping_signals`).
+        TPU replicate context (see `feed.graph.stopping_signals`).
         """
-        return stopping_signals(features), _USER_PROVIDED_SIGNAL_NAME
+        return graph.stopping_signals(features), _USER_PROVIDED_SIGNAL_NAME

@@ -1,19 +1,25 @@
-"""The graph pieces the feed hook builds in `begin()` (default graph, training thread).
+"""The graph pieces of the feed hook: its `begin()`'s, and the stop flag of the TPU step.
 
 `create_or_get_iterations_per_loop` is the body of the hook's overridable
 `_create_or_get_iterations_per_loop` (the original's); `summary_writer_ops`
 gives the summary writers' initializers (run in `after_create_session`) and
-flushes (run in `end()`).
+flushes (run in `end()`). `stopping_signals` is the body of the hook's
+`get_stopping_signals_and_name`, which TPUEstimator calls inside its TPU
+train step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
+from absl import logging
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import summary_ops_v2
+
+from monolith.core.common.tpu_context import sum_over_replicas
+from monolith.core.feed.signal import _STOPPING_KEY, _USER_PROVIDED_SIGNAL_NAME
 
 _TPU_ESTIMATOR = "tpu_estimator"
 _ITERATIONS_PER_LOOP_VAR = "iterations_per_loop"
@@ -70,3 +76,22 @@ def summary_writer_ops() -> Tuple[List[tf.Operation], List[tf.Operation]]:
     init_ops = list(summary_ops_v2.summary_writer_initializer_op())
     flushes = [summary_ops_v2.legacy_raw_flush(writer=op.inputs[0]) for op in init_ops]
     return init_ops, flushes
+
+
+def stopping_signals(features: Any) -> Optional[dict]:
+    """The per-step stop flag to outfeed: `{"stopping": bool tensor}`, or None without a signal.
+
+    `features` enables the signal when it is a dict holding
+    `_USER_PROVIDED_SIGNAL_NAME` (bool or int, True/1 on padding batches).
+    Inside a TPU replicate context the flag is summed over replicas (True
+    where any replica is padding); outside one (CPU, one replica) it is the
+    local flag. A scalar flag is reshaped to `[1]`, as the outfeed needs a
+    leading dimension.
+    """
+    if not isinstance(features, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in features:
+        return None
+    logging.info("Get stopping signals and name.")
+    flag = tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.int32)
+    if flag.shape.ndims == 0:
+        flag = tf.reshape(flag, [1])
+    return {_STOPPING_KEY: sum_over_replicas(flag) > 0}

@@ -1,9 +1,8 @@
 """The stop signal's name and shape: what the input side writes and the feed hook reads.
 
 The input side (`monolith.core.end_of_stream`) appends a bool feature named
-`_USER_PROVIDED_SIGNAL_NAME` to every batch; inside the TPU step TPUEstimator
-calls the hook's `get_stopping_signals_and_name` (`stopping_signals` here) and
-sends `{"stopping": flag}` through the outfeed, and the feed hook's outfeed
+`_USER_PROVIDED_SIGNAL_NAME` to every batch; TPUEstimator sends
+`{"stopping": flag}` for it through the outfeed, and the feed hook's outfeed
 thread reads it back with `_stopping_value`. Both sides import the name from
 here, so neither depends on the other.
 """
@@ -13,40 +12,11 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import tensorflow as tf
-from absl import logging
 
-from monolith.core.common.tpu_context import sum_over_replicas
-
-__all__ = [
-    "_STOPPING_KEY",
-    "_USER_PROVIDED_SIGNAL_NAME",
-    "_stopping_value",
-    "stopping_signals",
-]
+__all__ = ["_STOPPING_KEY", "_USER_PROVIDED_SIGNAL_NAME", "_stopping_value"]
 
 _USER_PROVIDED_SIGNAL_NAME = "_user_provided_signal_name"
 _STOPPING_KEY = "stopping"
-
-
-def stopping_signals(features: Any) -> Optional[dict]:
-    """The per-step stop flag to outfeed: `{"stopping": bool tensor}`, or None without a signal.
-
-    Builds the body of the hook's `get_stopping_signals_and_name` (the TPU
-    step's graph). `features` enables the signal when it is a dict holding
-    `_USER_PROVIDED_SIGNAL_NAME` (bool or int, True/1 on padding batches).
-    Inside a TPU replicate context the flag is summed over replicas (True
-    where any replica is padding); outside one (CPU, one replica) it is the
-    local flag. A scalar flag is reshaped to `[1]`, as the outfeed needs a
-    leading dimension.
-    """
-    if not isinstance(features, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in features:
-        return None
-    logging.info("Get stopping signals and name.")
-    flag = tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.int32)
-    if flag.shape.ndims == 0:
-        flag = tf.reshape(flag, [1])
-    return {_STOPPING_KEY: sum_over_replicas(flag) > 0}
 
 
 def _is_mapping(value: Any) -> bool:
