@@ -72,8 +72,11 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         steps; a dict that may hold `{_USER_PROVIDED_SIGNAL_NAME: {"stopping": ...}}`.
       tpu_compile_op: Run and checked when TPU_SPLIT_COMPILE_AND_EXECUTE=1.
       run_infeed_loop_on_coordinator: Whether the host loops over the steps.
-      rendezvous: An `ErrorRendezvous` collecting feed-thread errors; None
-        creates one owned by the hook.
+      rendezvous: An `ErrorRendezvous` collecting feed-thread errors
+        (TPUEstimator passes its own). None creates one owned by the hook:
+        `before_run()` and `end()` then re-raise a recorded error themselves,
+        and after a run that raised `hook.rendezvous.raise_errors()` gives
+        the root cause.
       master: Target for the TPU-initialisation session.
       session_config: Config for the TPU-initialisation session.
       tpu_init_ops: Extra ops run after session creation (before the threads).

@@ -334,8 +334,12 @@ class FeedSession:
     def wait_for_outfeed(self) -> None:
         """Blocks until the outfeed thread finished every loop sent so far.
 
-        Returns early, without waiting forever, when the outfeed thread has
-        exited, a feed thread recorded an error or the coordinator stopped.
+        This wait bounds the stop latency: training stops after the loop that
+        held the first padding batch, at most `iterations_per_loop` padding
+        steps (with `outfeed_every_n_steps=n` the signal is only seen on
+        outfed steps: up to `n - 1` more). Returns early, without waiting
+        forever, when the outfeed thread has exited, a feed thread recorded
+        an error or the coordinator stopped.
         """
         loops, controller = self.loops_sent, self.outfeed
         while not controller.wait_for_finished_loops(loops, timeout=_WAIT_POLL_SECS):
