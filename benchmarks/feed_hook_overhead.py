@@ -50,6 +50,8 @@ Run: `python benchmarks/feed_hook_overhead.py` (5-6 minutes on 2 cores);
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -70,8 +72,8 @@ from monolith.core import testing
 from monolith.core.auto_checkpoint_feed_hook import (
     _USER_PROVIDED_SIGNAL_NAME,
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
-    _SessionState,
 )
+from monolith.core.feed.session import FeedSession
 
 SIGNAL = _USER_PROVIDED_SIGNAL_NAME
 BATCH = 32
@@ -83,17 +85,36 @@ STOCK_AGAIN = "stock again"  # a second stock run per round: the A/A noise floor
 KINDS = (OURS, OURS_NO_WAIT, STOCK, STOCK_AGAIN)
 
 
-class OriginalDesignHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
-    """Our hook with the original's stop decision: no wait for the outfeed thread.
+class _NoWaitFeedSession(FeedSession):
+    """A feed session that decides without waiting for the outfeed thread.
 
-    `before_run` calls `_wait_for_outfeed(loops)` to block until the outfeed
-    thread has processed every loop sent so far, and only then reads the stop
-    flag; the original read the flag straight away. Skipping the wait is the
-    only change.
+    `before_run` calls `FeedSession.check_before_loop`, which calls
+    `wait_for_outfeed()` to block until the outfeed thread has processed
+    every loop sent so far, and only then reads the stop flag; the original
+    read the flag straight away. Skipping the wait is the only change.
     """
 
-    def _wait_for_outfeed(self, loops: int) -> None:
-        del loops
+    def wait_for_outfeed(self) -> None:
+        pass
+
+
+class OriginalDesignHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
+    """Our hook with the original's stop decision: no wait for the outfeed thread."""
+
+    _feed_session_class = _NoWaitFeedSession
+
+
+class _TimedFeedSession(FeedSession):
+    """A feed session appending how long each wait for the outfeed thread took to `waits`."""
+
+    def __init__(self, *args: Any, waits: List[float], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._waits = waits
+
+    def wait_for_outfeed(self) -> None:
+        start = time.perf_counter()
+        super().wait_for_outfeed()
+        self._waits.append(time.perf_counter() - start)
 
 
 class _WaitTimingHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
@@ -101,19 +122,13 @@ class _WaitTimingHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
 
     def __init__(self, *args: Any, waits: List[float], **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._waits = waits
-
-    def _wait_for_outfeed(self, loops: int) -> None:
-        start = time.perf_counter()
-        super()._wait_for_outfeed(loops)
-        self._waits.append(time.perf_counter() - start)
+        self._feed_session_class = functools.partial(_TimedFeedSession, waits=waits)
 
 
-class _NoWaitTimingHook(_WaitTimingHook):
+class _NoWaitTimingHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
     """Our hook without the wait for the outfeed thread (the ORIGINAL stop decision)."""
 
-    def _wait_for_outfeed(self, loops: int) -> None:
-        del loops
+    _feed_session_class = _NoWaitFeedSession
 
 
 class _EndClockHook(tf.compat.v1.train.SessionRunHook):
@@ -235,7 +250,7 @@ class _OverheadBench:
         if kind == OURS:
             return _WaitTimingHook(*args, waits=self.waits, **kwargs)
         if kind == OURS_NO_WAIT:
-            return _NoWaitTimingHook(*args, waits=[], **kwargs)
+            return _NoWaitTimingHook(*args, **kwargs)
         return TPUInfeedOutfeedSessionHook(*args, **kwargs)
 
     def _wait_until_outfed(self, sess: Any, hook: Any) -> None:
@@ -246,7 +261,7 @@ class _OverheadBench:
         """
         deadline = time.monotonic() + 60
         if isinstance(hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
-            controller = hook._session.outfeed
+            controller = hook._feed.outfeed
         else:
             controller = hook._outfeed_controller
         while controller._queue.qsize() or sess.run_step_fn(
@@ -510,15 +525,22 @@ def python_cost_per_step(hook_class: type, body: str, steps: int, repeats: int =
         rendezvous=error_handling.ErrorRendezvous(num_sources=2),
     )
     if isinstance(hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
-        # What after_create_session hands each thread: the session's state.
-        state = (_SessionState(tf.train.Coordinator()),)
+        # What a feed thread runs in: bound to its session's runtime.
+        feed = FeedSession(
+            tf.train.Coordinator(),
+            hook.rendezvous,
+            join_timeout_secs=1.0,
+            waits_for_outfeed=True,
+        )
+        thread_context: Any = feed.bound_to_this_thread()
     else:
-        state = ()
+        thread_context = contextlib.nullcontext()
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        getattr(hook, body)(_OneLoop(steps), _FakeSession(result), *state)
-        best = min(best, time.perf_counter() - start)
+    with thread_context:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            getattr(hook, body)(_OneLoop(steps), _FakeSession(result))
+            best = min(best, time.perf_counter() - start)
     return best / steps
 
 
@@ -587,16 +609,24 @@ def _latency_part(args: argparse.Namespace) -> None:
     )
 
 
-# Training-thread functions the profile part reports (file:function).
+# Training-thread functions the profile part reports (directory/file:function).
 _PROFILED = (
-    "monitored_session.py:run",
-    "session.py:run",
-    "auto_checkpoint_feed_hook.py:before_run",
-    "auto_checkpoint_feed_hook.py:_wait_for_outfeed",
-    "controllers.py:wait_for_finished_loops",
-    "auto_checkpoint_feed_hook.py:_raise_feed_error",
-    "controllers.py:send_next_batch_signal",
+    "training/monitored_session.py:run",
+    "client/session.py:run",
+    "core/auto_checkpoint_feed_hook.py:before_run",
+    "feed/session.py:check_before_loop",
+    "feed/session.py:wait_for_outfeed",
+    "feed/controllers.py:wait_for_finished_loops",
+    "feed/session.py:raise_feed_error",
+    "feed/session.py:send_loop",
+    "feed/controllers.py:send_next_batch_signal",
 )
+
+
+def _profiled_name(filename: str, func: str) -> str:
+    """`directory/file:function`, the form of `_PROFILED` (TF and we both have a session.py)."""
+    directory, base = os.path.split(filename)
+    return f"{os.path.basename(directory)}/{base}:{func}"
 
 
 def _profile_part(args: argparse.Namespace) -> None:
@@ -623,10 +653,10 @@ def _profile_part(args: argparse.Namespace) -> None:
             for (filename, _, func), row in sorted(
                 stats.stats.items(), key=lambda item: -item[1][3]
             ):
-                where = f"{os.path.basename(filename)}:{func}"
+                where = _profiled_name(filename, func)
                 if where in _PROFILED and where not in shown:
                     shown.add(where)
-                    print(f"  {where:48s} calls {row[1]:6d}  cumulative {row[3]:.3f} s")
+                    print(f"  {where:52s} calls {row[1]:6d}  cumulative {row[3]:.3f} s")
             print(flush=True)
 
 

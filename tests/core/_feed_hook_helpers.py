@@ -1,6 +1,9 @@
-"""Shared pieces of the feed-hook and emulator tests: a padded stream, a counting model."""
+"""Shared pieces of the feed-hook and emulator tests: padded stream, counting model, controller."""
 
 from __future__ import annotations
+
+import queue
+import threading
 
 import tensorflow as tf
 from tensorflow_estimator.python.estimator.tpu.tpu_estimator import TPUEstimatorSpec
@@ -98,3 +101,56 @@ def read_counts(checkpoint: str) -> dict:
         "padding_steps": int(reader.get_tensor("padding_steps")),
         "global_step": int(reader.get_tensor("global_step")),
     }
+
+
+class ListController:
+    """A FeedController that is not an _OpQueueContext: the protocol's members and no more.
+
+    Runs `target(self, *args)` on its own daemon thread, records each loop size
+    it is sent (`sizes`) and the coordinator attached to it (`coord`); its
+    thread stops waiting for work once that coordinator stops.
+    """
+
+    def __init__(self, name, target, args):
+        self.sizes = []
+        self.coord = None
+        self._queue = queue.Queue()
+        self._progress = threading.Condition()
+        self._finished = 0
+        self._thread = threading.Thread(name=name, target=target, args=(self, *args), daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self):
+        return self._thread
+
+    def watch_coordinator(self, coord):
+        self.coord = coord
+
+    def send_next_batch_signal(self, iterations):
+        self.sizes.append(iterations)
+        self._queue.put(iterations)
+
+    def read_iteration_counts(self):
+        while True:
+            try:
+                iterations = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self.coord is not None and self.coord.should_stop():
+                    return
+                continue
+            if iterations is None:
+                return
+            yield iterations
+            with self._progress:
+                self._finished += 1
+                self._progress.notify_all()
+
+    def wait_for_finished_loops(self, loops, timeout=None):
+        with self._progress:
+            return self._progress.wait_for(lambda: self._finished >= loops, timeout)
+
+    def join(self, timeout=None):
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

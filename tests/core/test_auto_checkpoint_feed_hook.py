@@ -22,9 +22,10 @@ from tensorflow.python.tpu import session_support
 from tensorflow_estimator.python.estimator.tpu import error_handling, tpu_estimator
 
 from monolith.core import auto_checkpoint_feed_hook as feed_hook
+from monolith.core.feed.signal import _stopping_value
 from monolith.core.testing import FakeTPUContext
-from tests._feed_threads import live_feed_threads
-from tests.core._feed_hook_helpers import SIGNAL
+from tests._feed_threads import feed_threads, live_feed_threads
+from tests.core._feed_hook_helpers import SIGNAL, ListController
 
 Hook = feed_hook.TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook
 IPL_NAME = "tpu_estimator/iterations_per_loop"
@@ -92,7 +93,9 @@ class _Driver:
                 tf.compat.v1.local_variables_initializer(),
             ]
         )
-        self.hook._iterations_per_loop_var.load(self.iterations_per_loop, self.session)
+        # TPUEstimator's loop-size variable (a subclass may use its own instead).
+        for loop_size in tf.compat.v1.get_collection("tpu_estimator_iterations_per_loop"):
+            loop_size.load(self.iterations_per_loop, self.session)
         self.hook.after_create_session(self.session, self.coord)
         return self
 
@@ -182,8 +185,9 @@ def test_join_timeout_rejects_bools_strings_and_none_naming_the_type(bad):
 
 @pytest.mark.parametrize("good", [1, 0.25, np.float32(2.0)])
 def test_join_timeout_accepts_ints_and_floats(good):
+    # How end() uses the value: test_end_does_not_wait_forever_for_a_stuck_outfeed_thread.
     with tf.Graph().as_default():
-        assert _hook(join_timeout_secs=good)._join_timeout_secs == float(good)
+        _hook(join_timeout_secs=good)
 
 
 def test_stopping_signal_is_a_readable_and_settable_attribute():
@@ -235,6 +239,23 @@ def test_several_iterations_per_loop_variables_raise_runtime_error():
             _hook()._create_or_get_iterations_per_loop()
 
 
+@pytest.mark.timeout(60)
+def test_before_run_sends_the_loop_size_of_an_overridden_loop_variable(clean_env):
+    class OwnLoopVariableHook(Hook):
+        def _create_or_get_iterations_per_loop(self):
+            return tf.compat.v1.get_variable("own_loop_size", initializer=3, trainable=False)
+
+    with tf.Graph().as_default():
+        enqueued = _Counter("enqueued")
+        hook = OwnLoopVariableHook(
+            FakeTPUContext(), [enqueued.increment], [tf.no_op()], tpu_compile_op=tf.no_op()
+        )
+        with _Driver(hook, iterations_per_loop=1) as driver:
+            driver.loop()
+            hook.end(driver.session)
+            assert driver.session.run(enqueued.var) == 3
+
+
 # -- feed threads ---------------------------------------------------------------------
 
 
@@ -264,6 +285,14 @@ def test_outfeed_runs_dequeue_ops_every_n_steps_of_each_loop(clean_env, every_n,
             driver.loop()
             hook.end(driver.session)
             assert driver.session.run(dequeued.var) == 2 * per_loop
+
+
+@pytest.mark.parametrize("body", ["_run_infeed", "_run_outfeed"])
+def test_a_thread_body_called_outside_a_feed_thread_raises_a_clear_error(body):
+    with tf.Graph().as_default():
+        hook = _hook()
+        with pytest.raises(RuntimeError, match="No feed session on thread 'MainThread'"):
+            getattr(hook, body)(None, None)
 
 
 def _signal_dequeue_ops(stopping):
@@ -328,7 +357,7 @@ class _SignalMapping(dict):
     ],
 )
 def test_stopping_value_reads_any_true_element_of_each_result_kind(ret, expected):
-    assert feed_hook._stopping_value(ret) is expected
+    assert _stopping_value(ret) is expected
 
 
 @pytest.mark.parametrize(
@@ -336,7 +365,7 @@ def test_stopping_value_reads_any_true_element_of_each_result_kind(ret, expected
 )
 def test_stopping_value_rejects_a_signal_without_the_stopping_key(signal):
     with pytest.raises(RuntimeError, match=r"must contain key 'stopping'"):
-        feed_hook._stopping_value({SIGNAL: signal})
+        _stopping_value({SIGNAL: signal})
 
 
 @pytest.mark.timeout(60)
@@ -387,25 +416,28 @@ def test_end_joins_threads_and_records_them_done(clean_env):
         with _Driver(hook, iterations_per_loop=2) as driver:
             driver.loop()
             hook.end(driver.session)
-            threads = [controller.thread for controller in hook._session.controllers()]
-            assert [t.name for t in threads if t.is_alive()] == []
+            assert live_feed_threads(wait_secs=0) == []
         rendezvous.raise_errors()  # both sources done, no error
 
 
 @pytest.mark.timeout(60)
-def test_end_does_not_wait_forever_for_a_stuck_outfeed_thread(clean_env, absl_info):
+def test_end_does_not_wait_forever_for_a_stuck_outfeed_thread(clean_env, absl_info, monkeypatch):
+    ran = []
+    _recording_tpu_ops(monkeypatch, ran)
     with tf.Graph().as_default():
         never_filled = tf.queue.FIFOQueue(1, [tf.float32], shapes=[[]])
-        flushed = _Counter("finalized")
-        hook = _hook(dequeue_ops=[never_filled.dequeue()], join_timeout_secs=0.5)
+        hook = _hook(
+            dequeue_ops=[never_filled.dequeue()],
+            ctx=FakeTPUContext(initialize_tpu=True),
+            join_timeout_secs=0.5,
+        )
         with _Driver(hook, iterations_per_loop=1) as driver:
             driver.loop()
-            hook._finalize_ops.append(flushed.increment)
             hook.end(driver.session)
-            assert driver.session.run(flushed.var) == 1
+            assert ran[-1] == ("shutdown", None)  # the rest of end() still ran
     errors = [r.getMessage() for r in absl_info.records if r.levelno >= logging.ERROR]
     stuck = [m for m in errors if "OutfeedController" in m]
-    assert stuck and "_run_outfeed" in stuck[0]
+    assert stuck and "within 0.5 s" in stuck[0] and "_run_outfeed" in stuck[0]
     assert live_feed_threads() == []
 
 
@@ -576,17 +608,17 @@ def test_stopping_signals_inside_tpu_replicate_are_summed_across_replicas(in_whi
 
 
 @pytest.mark.timeout(60)
-def test_hook_owned_rendezvous_raises_a_feed_error_from_end_after_shutdown(clean_env):
+def test_hook_owned_rendezvous_raises_a_feed_error_from_end_after_shutdown(clean_env, monkeypatch):
+    ran = []
+    _recording_tpu_ops(monkeypatch, ran)
     with tf.Graph().as_default():
         failing_enqueue = tf.debugging.Assert(False, ["input broke"])
-        flushed = _Counter("finalized")
-        hook = _hook([failing_enqueue])
+        hook = _hook([failing_enqueue], ctx=FakeTPUContext(initialize_tpu=True))
         with _Driver(hook, iterations_per_loop=1) as driver:
             driver.loop()
-            hook._finalize_ops.append(flushed.increment)
             with pytest.raises(tf.errors.InvalidArgumentError, match="input broke"):
                 hook.end(driver.session)
-            assert driver.session.run(flushed.var) == 1
+            assert ran[-1] == ("shutdown", None)  # the TPU was shut down first
     assert live_feed_threads() == []
 
 
@@ -595,73 +627,100 @@ def test_recreated_session_stops_the_previous_sessions_threads(clean_env):
     with tf.Graph().as_default():
         hook = _hook()
         with _Driver(hook, iterations_per_loop=1) as driver:
-            first = [controller.thread for controller in hook._session.controllers()]
+            first = feed_threads()
+            assert len(first) == 2
             hook.after_create_session(driver.session, driver.coord)
             assert not any(thread.is_alive() for thread in first)
             hook.end(driver.session)
 
 
+def _scripted_signal_dequeue_ops(script, waiting):
+    """Outfeed ops whose stop flag is the next item of `script` (a queue.Queue).
+
+    Each dequeue sets `waiting` (a threading.Event) and blocks until an item is
+    put: a bool, or an exception to raise.
+    """
+
+    def next_flag():
+        waiting.set()
+        item = script.get(timeout=30)
+        if isinstance(item, Exception):
+            raise item
+        return np.array([item])
+
+    return {SIGNAL: {"stopping": tf.numpy_function(next_flag, [], tf.bool, stateful=True)}}
+
+
 @pytest.mark.timeout(60)
-def test_recreated_session_gets_fresh_state_the_old_threads_cannot_reach(clean_env):
+@pytest.mark.parametrize("late", ["stop", "error"])
+def test_a_late_thread_of_a_replaced_session_cannot_reach_the_new_one(clean_env, absl_info, late):
+    script, waiting = queue.Queue(), threading.Event()
     with tf.Graph().as_default():
         rendezvous = error_handling.ErrorRendezvous(num_sources=2)
-        hook = _hook(dequeue_ops=_signal_dequeue_ops([False]), rendezvous=rendezvous)
+        hook = _hook(
+            dequeue_ops=_scripted_signal_dequeue_ops(script, waiting),
+            rendezvous=rendezvous,
+            join_timeout_secs=0.2,
+        )
         with _Driver(hook, iterations_per_loop=1) as driver:
             driver.loop()
-            old = hook._session
-            new_coord = tf.train.Coordinator()
-            hook.after_create_session(driver.session, new_coord)
-            new = hook._session
-            assert new is not old and new.coord is new_coord and new.loops_sent == 0
-            # What a late thread of the old session could still do: it only reaches its state.
-            old.stop_event.set()
-            old.record_failure("outfeed")
-            assert old.coordinator_stopped()  # retired: its threads stop at their next check
+            assert waiting.wait(30)  # the first session's outfeed thread is inside its dequeue
+            (old_outfeed,) = [t for t in feed_threads() if t.name == "OutfeedController"]
+            hook.after_create_session(driver.session, tf.train.Coordinator())
+            assert old_outfeed.is_alive()  # not joined in time: a late thread
+            script.put(True if late == "stop" else ValueError("late failure"))
+            old_outfeed.join(30)
+            assert not old_outfeed.is_alive()
             assert hook.stopping_signal is False
-            assert not new.coordinator_stopped() and new.failed_sources() == []
-            driver.loop()  # neither stops nor raises: the new session trains on
-            driver.loop()
+            for _ in range(2):  # neither stops nor raises: the new session trains on
+                script.put(False)
+                driver.loop()
+            assert hook.stopping_signal is False
             hook.end(driver.session)
         rendezvous.raise_errors()  # nothing recorded
-
-
-class _ListController:
-    """A FeedController that is not an _OpQueueContext: records loop sizes on its own thread."""
-
-    def __init__(self, name, target, args):
-        self.sizes = []
-        self._queue = queue.Queue()
-        self._thread = threading.Thread(name=name, target=target, args=(self, *args), daemon=True)
-        self._thread.start()
-
-    @property
-    def thread(self):
-        return self._thread
-
-    def send_next_batch_signal(self, iterations):
-        self.sizes.append(iterations)
-        self._queue.put(iterations)
-
-    def read_iteration_counts(self):
-        while (iterations := self._queue.get()) is not None:
-            yield iterations
-
-    def join(self, timeout=None):
-        self._queue.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    messages = [r.getMessage() for r in absl_info.records]
+    if late == "stop":  # the late thread saw the stop and set its own session's flag
+        assert "Set shared stop signal after loop 0." in messages
+    else:
+        assert any("during shutdown (not recorded)" in m for m in messages)
 
 
 class _ListControllerHook(Hook):
+    """Creates its infeed controllers as `ListController`s and keeps them in `created`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.created = []
+
     def _create_infeed_controller(self, name, target, args):
-        return _ListController(name, target, args)
+        self.created.append(ListController(name, target, args))
+        return self.created[-1]
 
 
 def test_controllers_implement_the_feed_controller_protocol():
-    assert isinstance(
-        feed_hook._OpQueueContext("P", lambda ctx: None, ()), feed_hook.FeedController
-    )
+    for controller_class in (feed_hook._OpQueueContext, ListController):
+        controller = controller_class("P", lambda ctx: None, ())
+        assert isinstance(controller, feed_hook.FeedController)
+        assert controller.join(timeout=30)
     assert not isinstance(object(), feed_hook.FeedController)
+
+
+def test_the_protocol_declares_what_the_session_calls_on_a_controller():
+    """ListController has only the protocol's public members (besides its records).
+
+    The full hand-driven run below with it as the infeed controller shows the
+    session needs nothing else; the protocol lists exactly those members.
+    """
+    protocol = {
+        "thread",
+        "watch_coordinator",
+        "send_next_batch_signal",
+        "read_iteration_counts",
+        "wait_for_finished_loops",
+        "join",
+    }
+    assert {m for m in dir(feed_hook.FeedController) if not m.startswith("_")} == protocol
+    assert {m for m in dir(ListController) if not m.startswith("_")} == protocol
 
 
 @pytest.mark.timeout(60)
@@ -671,12 +730,12 @@ def test_a_subclass_factory_may_return_any_feed_controller(clean_env):
         hook = _ListControllerHook(
             FakeTPUContext(), [counter.increment], [tf.no_op()], tpu_compile_op=tf.no_op()
         )
-        assert isinstance(_ListController("X", lambda ctx: None, ()), feed_hook.FeedController)
         with _Driver(hook, iterations_per_loop=3) as driver:
             driver.loop()
             driver.loop()
-            infeed = hook._session.infeed
             hook.end(driver.session)
+            (infeed,) = hook.created
+            assert infeed.coord is driver.coord  # attached by the session, not by the factory
             assert not infeed.thread.is_alive()
             assert infeed.sizes == [3, 3]
             assert driver.session.run(counter.var) == 6

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from monolith.core import auto_checkpoint_feed_hook as feed_hook
+from monolith.core.feed.controllers import format_thread_stack
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ def test_format_thread_stack_shows_where_the_thread_waits():
     thread.start()
     try:
         assert inside.wait(30), "the probe thread never started"
-        assert "waiting_here" in feed_hook.format_thread_stack(thread)
+        assert "waiting_here" in format_thread_stack(thread)
     finally:
         release.set()
         thread.join(30)

@@ -21,7 +21,7 @@ from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
 from monolith.core.stopping_signals import append_stopping_signals
-from tests._feed_threads import live_feed_threads
+from tests._feed_threads import feed_threads, live_feed_threads
 from tests.core._feed_hook_helpers import (
     BATCH,
     counting_model_fn,
@@ -126,10 +126,11 @@ def test_training_stops_at_end_of_stream_with_every_example_trained_once(
     assert result.final_checkpoint == tf.train.latest_checkpoint(str(tmp_path))
 
 
-@pytest.mark.parametrize("num_batches", [8, 9, 10, 11, 12])
+@pytest.mark.parametrize("num_batches", [8, 9, 10, 11])
 def test_stop_latency_is_the_rest_of_the_loop_for_every_end_position(tmp_path, num_batches):
-    # The slow host call keeps the outfeed thread a loop behind the training
-    # thread; before_run must still wait for it and stop after one padding loop.
+    # 8..11: the end at each of the 4 positions in a loop. The slow host call
+    # keeps the outfeed thread a loop behind the training thread; before_run
+    # must still wait for it and stop after one padding loop.
     result = testing.train(
         _slow_outfeed_model_fn,
         padded_stream_fn(num_batches),
@@ -271,14 +272,30 @@ def test_stuck_outfeed_thread_does_not_stop_the_final_checkpoint(tmp_path, caplo
 
 
 def _recording_hook_class(created):
-    """The feed hook, appending (session state, its feed threads, the previous ones alive)."""
+    """The feed hook, recording per session what its public side shows.
+
+    Each `after_create_session` appends a dict: the hook, the session's feed
+    threads, the previous sessions' threads still alive, the stopping signal
+    at the start, and `loops`, the `before_run` calls that let a loop run.
+    """
 
     class RecordingHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
         def after_create_session(self, session, coord):
-            previous = [t for _, threads, _ in created for t in threads]
+            previous = [t for record in created for t in record["threads"]]
             super().after_create_session(session, coord)
-            threads = [controller.thread for controller in self._session.controllers()]
-            created.append((self._session, threads, [t for t in previous if t.is_alive()]))
+            created.append(
+                {
+                    "hook": self,
+                    "threads": [t for t in feed_threads() if t not in previous],
+                    "previous_alive": [t for t in previous if t.is_alive()],
+                    "stopping_signal_at_start": self.stopping_signal,
+                    "loops": 0,
+                }
+            )
+
+        def before_run(self, run_context):
+            super().before_run(run_context)
+            created[-1]["loops"] += 1
 
     return RecordingHook
 
@@ -286,9 +303,9 @@ def _recording_hook_class(created):
 class _AbortOnceHook(tf.compat.v1.train.SessionRunHook):
     """Raises AbortedError once, after loop `at_loop`, as a TPU worker restart would.
 
-    With `after_stop_seen`, first waits until the first session's outfeed
-    thread has set that session's stop flag, so the old session ends with its
-    flag set.
+    With `after_stop_seen`, first waits until the feed hook's stopping signal
+    is set (the first session's outfeed thread saw the end of the stream), so
+    the old session ends with its flag set. Records the signal it aborted with.
     """
 
     def __init__(self, created, at_loop, after_stop_seen=False):
@@ -296,13 +313,18 @@ class _AbortOnceHook(tf.compat.v1.train.SessionRunHook):
         self._at_loop = at_loop
         self._after_stop_seen = after_stop_seen
         self._loops = 0
+        self.stopping_signal_at_abort = None
 
     def after_run(self, run_context, run_values):
         self._loops += 1
         if self._loops != self._at_loop:
             return
-        if self._after_stop_seen:
-            assert self._created[0][0].stop_event.wait(30)
+        feed_hook = self._created[0]["hook"]
+        deadline = time.monotonic() + 30
+        while self._after_stop_seen and not feed_hook.stopping_signal:
+            assert time.monotonic() < deadline, "the outfeed thread never saw the stop"
+            time.sleep(0.01)
+        self.stopping_signal_at_abort = feed_hook.stopping_signal
         raise tf.errors.AbortedError(None, None, "injected: TPU worker restarted")
 
 
@@ -314,19 +336,21 @@ def test_recreated_session_trains_the_stream_exactly_and_inherits_nothing(
     # periodic checkpoint, so the new session restores step 0 and, its input
     # iterator being new, trains the whole stream again.
     created = []
+    abort = _AbortOnceHook(created, at_loop, after_stop_seen)
     result = testing.train(
         counting_model_fn,
         padded_stream_fn(5),
         model_dir=str(tmp_path),
         iterations_per_loop=2,
         hook_class=_recording_hook_class(created),
-        hooks=[_AbortOnceHook(created, at_loop, after_stop_seen)],
+        hooks=[abort],
     )
     _assert_trained_stream_exactly(result, 5, 2)
     assert len(created) == 2
-    (old, old_threads, _), (new, _, alive_at_recreation) = created
-    assert alive_at_recreation == []  # the old threads were joined before the new ones started
-    assert old is not new and old.coordinator_stopped()
-    assert old.stop_event.is_set() is after_stop_seen
-    assert new.loops_sent == 3 and new.failed_sources() == old.failed_sources() == []
-    assert not any(t.is_alive() for t in old_threads)
+    old, new = created
+    assert new["previous_alive"] == []  # the old threads were joined before the new ones started
+    assert not any(t.is_alive() for t in old["threads"])
+    assert abort.stopping_signal_at_abort is after_stop_seen
+    # The new session starts with its own flag and loop count: three loops, then the stop.
+    assert new["stopping_signal_at_start"] is False
+    assert new["loops"] == 3

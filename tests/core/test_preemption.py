@@ -18,6 +18,9 @@ import time
 import pytest
 
 from monolith.core import preemption, testing
+from monolith.core.auto_checkpoint_feed_hook import (
+    TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
+)
 from tests._feed_threads import live_feed_threads
 from tests._light_imports import CHECK, PREAMBLE
 from tests.core._feed_hook_helpers import BATCH, counting_model_fn, padded_stream_fn, read_counts
@@ -226,6 +229,45 @@ def test_end_of_stream_is_reported_as_such_and_a_step_limit_as_none(tmp_path, re
         iterations_per_loop=2,
         steps=4,
     )
+    assert preemption.last_stop_reason() is None
+    assert signal.getsignal(signal.SIGTERM) is recorder
+
+
+def test_each_run_keeps_its_own_stop_reason_and_last_is_the_run_begun_last(tmp_path, recorder):
+    # Run A (the stream ends in its second loop) starts run B inside its first
+    # loop; B ends at a step limit before A ends at the end of the stream.
+    hooks = []
+
+    class RecordedHook(TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook):
+        def begin(self):
+            hooks.append(self)
+            super().begin()
+
+    def run_b(global_step, loop_steps, loss):
+        if global_step == 2:
+            testing.train(
+                counting_model_fn,
+                padded_stream_fn(100),
+                model_dir=str(tmp_path / "b"),
+                iterations_per_loop=2,
+                steps=2,
+                hook_class=RecordedHook,
+            )
+            assert preemption.last_stop_reason() is None  # B's, while A still trains
+
+    result_a = testing.train(
+        counting_model_fn,
+        padded_stream_fn(3),
+        model_dir=str(tmp_path / "a"),
+        iterations_per_loop=2,
+        on_loop_end=run_b,
+        hook_class=RecordedHook,
+    )
+    hook_a, hook_b = hooks
+    assert result_a.stopped_at_end_of_stream
+    assert hook_a.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert hook_b.stop_reason is None
+    # A stopping later does not overwrite the answer for B, the run that began last.
     assert preemption.last_stop_reason() is None
     assert signal.getsignal(signal.SIGTERM) is recorder
 

@@ -1,6 +1,10 @@
 """The runtime of the infeed/outfeed hook (`monolith.core.auto_checkpoint_feed_hook`).
 
-* `signal`: the stop signal's feature name and how an outfeed result carries it;
+* `session`: `FeedSession`, one training session's runtime: the two feed
+  threads, their state, the wait for the outfeed, the stop decision;
 * `controllers`: one feed thread and its queue of loop sizes (`FeedController`);
-* `preemption`: the SIGTERM stop and why a run stopped.
+* `signal`: the stop signal's feature name and how an outfeed result carries it;
+* `preemption`: the SIGTERM stop and why a run stopped;
+* `graph`: what the hook builds in `begin()`, and the TPU step's stop flag;
+* `tpu_system`: the TPU steps of `after_create_session` (init, init ops, watchdog).
 """

@@ -17,8 +17,9 @@ outlive a failed training run:
 * `_OpQueueContext.join` takes an optional timeout and reports whether the
   thread finished, so the hook's `end()` can never wait forever.
 
-`FeedController` is the contract between the hook and a controller, so that a
-subclass's `_create_infeed_controller` may return any implementation of it.
+`FeedController` is the contract between the feed session and a controller,
+so that a hook subclass's `_create_infeed_controller` may return any
+implementation of it.
 """
 
 from __future__ import annotations
@@ -38,18 +39,25 @@ _POLL_SECS = 0.1
 
 @runtime_checkable
 class FeedController(Protocol):
-    """What the hook needs from a feed-thread controller.
+    """Everything the feed session (`monolith.core.feed.session`) calls on a controller.
 
     The controller owns one thread, started at construction, running the
-    hook's thread body with the controller as its first argument; that body
-    iterates `read_iteration_counts()` on the controller's thread. The hook's
-    training thread calls `send_next_batch_signal` once per loop and `join`
-    at the end (and when a session is replaced).
+    target it was given with the controller as its first argument; that
+    target iterates `read_iteration_counts()` on the controller's thread.
+    The feed session, on the training thread, calls `watch_coordinator` once
+    right after construction, `send_next_batch_signal` once per loop,
+    `wait_for_finished_loops` before deciding whether to stop (outfeed only
+    today), and `join` at the end (and when a session is replaced);
+    `thread` serves liveness checks and the stack dump of a stuck thread.
     """
 
     @property
     def thread(self) -> threading.Thread:
         """The controller's thread (for liveness checks and stack dumps)."""
+        ...
+
+    def watch_coordinator(self, coord: Any) -> None:
+        """Makes the thread stop waiting for work once `coord.should_stop()` is True."""
         ...
 
     def send_next_batch_signal(self, iterations: int) -> None:
@@ -58,6 +66,10 @@ class FeedController(Protocol):
 
     def read_iteration_counts(self) -> Iterator[int]:
         """Yields the queued loop sizes until stopped (called on the controller's thread)."""
+        ...
+
+    def wait_for_finished_loops(self, loops: int, timeout: Optional[float] = None) -> bool:
+        """Waits up to `timeout` s for the thread to finish `loops` loops; True once it has."""
         ...
 
     def join(self, timeout: Optional[float] = None) -> bool:

@@ -12,9 +12,11 @@ runs and `CheckpointSaverHook` writes the final checkpoint.
 
 Public API:
 
-* `StopReason`, `last_stop_reason()`: whether the feed hook stopped the last
+* `StopReason`, `last_stop_reason()`: whether the feed hook stopped the latest
   training run of this process at the end of the stream or on SIGTERM (None
-  when it did not stop it: a step limit, an error, or no feed hook).
+  when it did not stop it: a step limit, an error, or no feed hook). Each run
+  keeps its own reason (`StopRecord`; the hook's `stop_reason` property);
+  `last_stop_reason()` reads the record of the run that began last.
 * `RESTART_EXIT_CODE` (42, as TF's `PreemptionCheckpointHandler`): the exit
   code a program should use after a SIGTERM stop, so a job launcher restarts
   it instead of taking it for a finished run.
@@ -41,6 +43,9 @@ __all__ = [
     "STOP_ON_SIGTERM_ENV",
     "SigtermWatcher",
     "StopReason",
+    "StopRecord",
+    "begin_run",
+    "install_sigterm_stop",
     "last_stop_reason",
     "stop_on_sigterm_enabled",
 ]
@@ -61,24 +66,55 @@ class StopReason(enum.Enum):
     SIGTERM = "sigterm"
 
 
-_last_stop_reason: Optional[StopReason] = None
+class StopRecord:
+    """Why one training run stopped, kept after the run's hook is gone.
+
+    The feed hook creates one per run in `begin()` (through `begin_run`) and
+    hands it to each of the run's feed sessions; the session that stops
+    training writes the reason once. `reason` is None while the run trains
+    and stays None when something else ended it (a step limit, an error).
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self) -> None:
+        self.reason: Optional[StopReason] = None
+
+
+# The record of the run whose feed hook called `begin()` last. Replaced (one
+# atomic assignment) by each new run; no run ever writes another run's record.
+_latest_run: Optional[StopRecord] = None
+
+
+def begin_run() -> StopRecord:
+    """Creates the record of a new training run and makes it the process's latest.
+
+    Called by the feed hook's `begin()` (the training thread), so that
+    `last_stop_reason()` answers for this run from now on.
+    """
+    global _latest_run
+    record = StopRecord()
+    _latest_run = record
+    return record
 
 
 def last_stop_reason() -> Optional[StopReason]:
-    """Why the feed hook stopped the most recent training run in this process.
+    """Why the feed hook stopped the latest training run in this process.
+
+    "Latest" is the run whose feed hook called `begin()` last, i.e. the
+    latest `TPUEstimator.train` (or `monolith.core.testing.train`) call to
+    start. Each run keeps its own reason (the hook's `stop_reason`); a run
+    that started earlier and stops later never changes this answer, so in a
+    sequential program it is the reason of the run that just returned. With
+    several runs at once (threads), read each hook's `stop_reason` instead.
 
     Returns:
-      `StopReason.END_OF_STREAM` or `StopReason.SIGTERM`; None when that run
-      was not stopped by the feed hook (step limit, error, other hook) or no
-      run has started. Reset when a feed hook begins a new run.
+      `StopReason.END_OF_STREAM` or `StopReason.SIGTERM`; None while that
+      run trains, when it was not stopped by the feed hook (step limit, error,
+      other hook), or when no feed hook has begun a run.
     """
-    return _last_stop_reason
-
-
-def _set_last_stop_reason(reason: Optional[StopReason]) -> None:
-    """Records the stop reason (called by the feed hook on the training thread)."""
-    global _last_stop_reason
-    _last_stop_reason = reason
+    record = _latest_run
+    return record.reason if record is not None else None
 
 
 def stop_on_sigterm_enabled() -> bool:
@@ -253,3 +289,22 @@ class SigtermWatcher:
         previous = self._previous
         if callable(previous):
             previous(signum, frame)
+
+
+def install_sigterm_stop(is_active: Callable[[], bool]) -> Optional[SigtermWatcher]:
+    """Installs a training run's SIGTERM stop; returns the watcher, or None when not installed.
+
+    Not installed when `MONOLITH_STOP_ON_SIGTERM` turns it off, off the main
+    thread, or when SIGTERM is ignored or handled outside Python (see
+    `SigtermWatcher.install`).
+
+    Args:
+      is_active: Whether the run still trains (see `SigtermWatcher`).
+
+    Raises:
+      ValueError: `MONOLITH_STOP_ON_SIGTERM` holds an unknown value.
+    """
+    if not stop_on_sigterm_enabled():
+        return None
+    watcher = SigtermWatcher(is_active=is_active)
+    return watcher if watcher.install() else None
