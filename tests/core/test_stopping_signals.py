@@ -10,6 +10,7 @@ from monolith.core import stopping_signals
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook as Hook,
 )
+from monolith.core.feed import signal
 from monolith.core.stopping_signals import (
     USER_PROVIDED_SIGNAL_NAME,
     append_stopping_signals,
@@ -385,3 +386,34 @@ def test_component_that_is_not_a_tensor_is_a_type_error_naming_it():
         dataset = _ids(1).map(lambda x: {"id": x, "maybe": tf.experimental.Optional.from_value(x)})
         with pytest.raises(TypeError, match=r"features\['maybe'\] is OptionalSpec"):
             append_stopping_signals(dataset)
+
+
+def test_a_graph_without_recorded_rule_has_the_original_stop_rule():
+    with tf.Graph().as_default():
+        assert signal.stop_rule_of_graph() is signal.StopRule.ANY_REPLICA_PADDING
+
+
+def test_the_recorded_stop_rule_is_found_from_a_function_body():
+    with tf.Graph().as_default() as graph:
+        signal.record_stop_rule(signal.StopRule.ALL_REPLICAS_PADDING)
+
+        @tf.function
+        def step():
+            assert signal.stop_rule_of_graph() is signal.StopRule.ALL_REPLICAS_PADDING
+            return tf.constant(0)
+
+        step()
+        assert signal.stop_rule_of_graph(graph) is signal.StopRule.ALL_REPLICAS_PADDING
+
+
+def test_two_different_recorded_stop_rules_are_a_value_error():
+    with tf.Graph().as_default():
+        signal.record_stop_rule(signal.StopRule.ALL_REPLICAS_PADDING)
+        signal.record_stop_rule(signal.StopRule.ANY_REPLICA_PADDING)
+        with pytest.raises(ValueError, match="different stop rules"):
+            signal.stop_rule_of_graph()
+
+
+def test_recording_a_non_rule_is_a_type_error():
+    with tf.Graph().as_default(), pytest.raises(TypeError, match="stop_rule='all'"):
+        signal.record_stop_rule("all")

@@ -14,11 +14,21 @@ import enum
 from typing import Any, Mapping, Optional
 
 import numpy as np
+import tensorflow as tf
 
-__all__ = ["StopRule", "_STOPPING_KEY", "_USER_PROVIDED_SIGNAL_NAME", "_stopping_value"]
+__all__ = [
+    "StopRule",
+    "_STOPPING_KEY",
+    "_USER_PROVIDED_SIGNAL_NAME",
+    "_stopping_value",
+    "record_stop_rule",
+    "stop_rule_of_graph",
+]
 
 _USER_PROVIDED_SIGNAL_NAME = "_user_provided_signal_name"
 _STOPPING_KEY = "stopping"
+# Graph collection holding the `StopRule.value` of every append_stopping_signals call.
+_STOP_RULE_COLLECTION = "monolith_stop_rule"
 
 
 class StopRule(enum.Enum):
@@ -38,6 +48,56 @@ class StopRule(enum.Enum):
 
     ANY_REPLICA_PADDING = "any_replica_padding"
     ALL_REPLICAS_PADDING = "all_replicas_padding"
+
+
+def _outermost_graph(graph: Optional[tf.Graph]) -> tf.Graph:
+    """`graph` (default: the default graph) or, inside function bodies, the graph holding them.
+
+    TPUEstimator calls input_fn in the outer graph and builds the train step in
+    while-loop and function bodies (FuncGraphs in TF2 behaviour), so the rule is
+    kept in the outermost graph, where both sides find it.
+    """
+    graph = graph if graph is not None else tf.compat.v1.get_default_graph()
+    while getattr(graph, "outer_graph", None) is not None:
+        graph = graph.outer_graph
+    return graph
+
+
+def record_stop_rule(rule: StopRule, graph: Optional[tf.Graph] = None) -> None:
+    """Records the stop rule an input pipeline was built with (called by the input side).
+
+    Raises:
+      TypeError: `rule` is not a `StopRule`.
+    """
+    if not isinstance(rule, StopRule):
+        raise TypeError(
+            f"stop_rule={rule!r} (type {type(rule).__name__}) must be a StopRule "
+            f"({', '.join('StopRule.' + r.name for r in StopRule)})."
+        )
+    _outermost_graph(graph).add_to_collection(_STOP_RULE_COLLECTION, rule.value)
+
+
+def stop_rule_of_graph(graph: Optional[tf.Graph] = None) -> StopRule:
+    """The stop rule the graph's input pipelines were built with.
+
+    Every reader of the rule (the TPU step's stop signal, `skip_padding_steps`,
+    the feed hook, the resume record) asks here, so all of them follow the one
+    choice made in `append_stopping_signals`.
+
+    Returns:
+      The recorded rule; `StopRule.ANY_REPLICA_PADDING` (the original's) when
+      no pipeline recorded one.
+
+    Raises:
+      ValueError: Pipelines of the graph were built with different rules.
+    """
+    values = set(_outermost_graph(graph).get_collection(_STOP_RULE_COLLECTION))
+    if len(values) > 1:
+        raise ValueError(
+            "the input pipelines of this graph were built with different stop rules "
+            f"{sorted(values)}; pass the same stop_rule to every append_stopping_signals call."
+        )
+    return StopRule(values.pop()) if values else StopRule.ANY_REPLICA_PADDING
 
 
 def _is_mapping(value: Any) -> bool:
