@@ -115,7 +115,7 @@ def model_fn(features, labels, mode, params, config):
     )
 
     host_call = BaseEmbeddingHostCall(
-        config.model_dir,
+        config.model_dir if config is not None else params["model_dir"],
         enable_host_call=True,
         enable_deepinsight=False,
         enable_host_call_scalar_metrics=True,

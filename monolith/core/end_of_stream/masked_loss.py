@@ -31,8 +31,9 @@ def masked_mean_loss(per_example_loss: Any, features: Any) -> tf.Tensor:
     (`cross_replica_sum` inside a TPU computation), and 0 where N is 0 (a
     padding step; no NaN, and a zero gradient). Summed over the replicas,
     these shares are the mean of the per-example loss over the step's real
-    examples. Padding examples contribute nothing, not even a NaN or an
-    infinity their zero features may produce.
+    examples. Padding examples contribute nothing to the value and a zero
+    gradient (their per-example losses must be finite, as for any masked
+    loss: a zero times an infinite gradient is NaN).
 
     With `CrossShardOptimizer(opt, reduction=tf.compat.v1.losses.Reduction.SUM)`,
     which sums the replicas' gradients, the update is exactly the gradient of
