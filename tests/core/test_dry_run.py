@@ -383,20 +383,19 @@ def test_embedding_example_trains_under_the_all_replicas_rule(embedding_graph):
 
 def test_embedding_example_padding_batch_is_an_empty_sparse_batch_of_full_size():
     batch = 8
-    dataset = tpu_embedding_ctr.input_fn({"batch_size": batch, "num_examples": 2 * batch})
-    ids_name = tpu_embedding_ctr.ITEM_IDS
-    parts = dataset.take(3).map(
-        lambda features, labels: (
-            features[USER_PROVIDED_SIGNAL_NAME],
-            features[ids_name].indices,
-            features[ids_name].values,
-            features[ids_name].dense_shape,
-            labels,
+    # A graph of its own: the input_fn records its stop rule in the graph it builds in.
+    with tf.Graph().as_default():
+        dataset = tpu_embedding_ctr.input_fn({"batch_size": batch, "num_examples": 2 * batch})
+        ids_name = tpu_embedding_ctr.ITEM_IDS
+        parts = dataset.take(3).map(
+            lambda features, labels: (
+                features[USER_PROVIDED_SIGNAL_NAME],
+                features[ids_name].indices,
+                features[ids_name].values,
+                features[ids_name].dense_shape,
+                labels,
+            )
         )
-    )
-    if tf.executing_eagerly():
-        elements = list(parts.as_numpy_iterator())
-    else:
         with tf.compat.v1.Session() as session:
             get_next = tf.compat.v1.data.make_one_shot_iterator(parts).get_next()
             elements = [session.run(get_next) for _ in range(3)]
