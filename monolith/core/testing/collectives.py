@@ -28,10 +28,10 @@ function bodies (cond/while branches) where an op cannot be removed or
 rewired afterwards; op callbacks see it only after creation. The only hook
 before creation is the Python op wrapper `gen_tpu_ops.cross_replica_sum`,
 which `tf.compat.v1.tpu.cross_replica_sum` and `CrossShardOptimizer` call.
-`route_cross_replica_sum` replaces it, process-wide but only while some
-thread is inside the block (reference-counted under a lock), with a
-dispatcher that routes a call to the `Collectives` of the calling thread and
-every other thread's call to the original op wrapper. `tf.raw_ops.CrossReplicaSum`
+`route_cross_replica_sum` replaces it with a `common.scoped_patch.ScopedPatch`:
+only while some thread is inside the block (reference-counted under a lock),
+routing the calling thread's calls to its `Collectives` and every other
+thread's call to the original op wrapper. `tf.raw_ops.CrossReplicaSum`
 is not routed.
 """
 
@@ -44,9 +44,10 @@ from typing import Any, Iterator, List, Optional
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 from tensorflow.python.ops import gen_tpu_ops
 from tensorflow.python.tpu.ops import tpu_ops
+
+from monolith.core.common.scoped_patch import ScopedPatch
 
 __all__ = ["Collectives", "StepAnchor", "route_cross_replica_sum"]
 
@@ -55,18 +56,9 @@ _GRADIENT = "MonolithEmulatedCrossReplicaSum"
 
 # -- the scoped patch -----------------------------------------------------------------
 
-_PATCH_LOCK = threading.Lock()
-_patch_users = 0
-_original_cross_replica_sum: Any = gen_tpu_ops.cross_replica_sum
+# Thread-scoped and reference-counted: only the threads building a step see the routing.
+_CROSS_REPLICA_SUM = ScopedPatch(gen_tpu_ops, "cross_replica_sum")
 _ROUTE = threading.local()  # .collectives: the Collectives building on this thread
-
-
-def _routed(input, group_assignment, name=None):  # noqa: A002 (gen_tpu_ops' argument name)
-    """Stands in for `gen_tpu_ops.cross_replica_sum` while a route is active."""
-    collectives = getattr(_ROUTE, "collectives", None)
-    if collectives is None:
-        return _original_cross_replica_sum(input, group_assignment, name=name)
-    return collectives.cross_replica_sum(input, group_assignment, name)
 
 
 def _current_collectives() -> Optional[Collectives]:
@@ -77,33 +69,21 @@ def _current_collectives() -> Optional[Collectives]:
 def route_cross_replica_sum(collectives: Collectives) -> Iterator[None]:
     """Routes this thread's `cross_replica_sum` calls to `collectives` inside the block.
 
-    The first thread to enter installs the dispatcher in
-    `gen_tpu_ops.cross_replica_sum`; the last to leave puts the original back
-    (unless someone replaced the dispatcher meanwhile: then theirs stays, and
-    the dispatcher keeps passing other threads' calls to the original).
+    `common.scoped_patch.ScopedPatch` installs the dispatcher in
+    `gen_tpu_ops.cross_replica_sum` for the first user and removes it with the
+    last; every other thread's call goes to the original op wrapper.
     """
-    global _patch_users, _original_cross_replica_sum
-    with _PATCH_LOCK:
-        if _patch_users == 0 and gen_tpu_ops.cross_replica_sum is not _routed:
-            _original_cross_replica_sum = gen_tpu_ops.cross_replica_sum
-            gen_tpu_ops.cross_replica_sum = _routed
-        _patch_users += 1
-    previous = getattr(_ROUTE, "collectives", None)
+
+    def routed(input, group_assignment, name=None):  # noqa: A002 (gen_tpu_ops' argument name)
+        return collectives.cross_replica_sum(input, group_assignment, name)
+
+    previous = _current_collectives()
     _ROUTE.collectives = collectives
     try:
-        yield
+        with _CROSS_REPLICA_SUM.scope(routed):
+            yield
     finally:
         _ROUTE.collectives = previous
-        with _PATCH_LOCK:
-            _patch_users -= 1
-            if _patch_users == 0:
-                if gen_tpu_ops.cross_replica_sum is _routed:
-                    gen_tpu_ops.cross_replica_sum = _original_cross_replica_sum
-                else:
-                    logging.warning(
-                        "gen_tpu_ops.cross_replica_sum was replaced while the emulator built "
-                        "its step; leaving the replacement in place."
-                    )
 
 
 @tf.RegisterGradient(_GRADIENT)
