@@ -43,7 +43,7 @@ from monolith.core.feed.session import (
     current_feed_session,
     feed_session_of_thread,
 )
-from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME
+from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME, StopRule, follow_stop_rule
 
 __all__ = [
     "FeedController",
@@ -64,8 +64,10 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
     Args:
       ctx: TPUEstimator's `_InternalTPUContext` (reads `master_job`,
         `embedding_config`, `model_parallelism_enabled`,
-        `config.tpu_config.initial_infeed_sleep_secs` and
-        `config.tpu_config.per_host_input_for_training`).
+        `config.tpu_config.initial_infeed_sleep_secs`,
+        `config.tpu_config.per_host_input_for_training` and, to name the
+        hosts of the replicas in the end-of-stream warning,
+        `num_of_replicas_per_host` if it has one).
       enqueue_ops: Ops the infeed thread runs (once per step, or once per loop
         when `run_infeed_loop_on_coordinator` is False).
       dequeue_ops: Ops the outfeed thread runs every `outfeed_every_n_steps`
@@ -134,6 +136,11 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         self._sigterm: Optional[preemption.SigtermWatcher] = None  # The run's, if installed.
         self._feed: Optional[FeedSession] = None  # The current session's runtime.
         self._stop_before_session = threading.Event()  # Backs stopping_signal until then.
+        # TPUEstimator constructs the hook after building the train step, in
+        # its graph: the step's stop signal and skip_padding_steps have
+        # followed the graph's stop rule by now; a disagreement raises here.
+        self._stop_rule = follow_stop_rule("the feed hook's stop decision")
+        self._replicas_per_host = _replicas_per_host(ctx)
 
     # -- public state ---------------------------------------------------------
 
@@ -160,6 +167,18 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
     def stop_reason(self) -> Optional[preemption.StopReason]:
         """Why this hook stopped its run (since `begin()`); None while training or if it did not."""
         return self._stop_record.reason
+
+    @property
+    def stop_rule(self) -> StopRule:
+        """The stop rule this hook follows: the graph's (`append_stopping_signals(stop_rule=)`).
+
+        The stop flag it reads was computed in the TPU step under this rule
+        (`get_stopping_signals_and_name`). Under the default
+        `ANY_REPLICA_PADDING`, when the step that stops training still had
+        replicas with real batches, the hook logs a WARNING naming their
+        hosts and replicas (their rest is not trained).
+        """
+        return self._stop_rule
 
     @property
     def rendezvous(self) -> error_handling.ErrorRendezvous:
@@ -200,7 +219,12 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
     def _run_outfeed(self, queue_ctx: FeedController, session: Any) -> None:
         """Outfeed thread body (runs on the controller's thread): `FeedSession.run_outfeed`."""
         current_feed_session().run_outfeed(
-            queue_ctx, session, self._dequeue_ops, every_n_steps=self._outfeed_every_n_steps
+            queue_ctx,
+            session,
+            self._dequeue_ops,
+            every_n_steps=self._outfeed_every_n_steps,
+            stop_rule=self._stop_rule,
+            replicas_per_host=self._replicas_per_host,
         )
 
     def _create_infeed_controller(
@@ -306,7 +330,18 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
 
         Called by TPUEstimator inside the TPU train step (and by
         `monolith.core.testing`). `signals` is None when `features` carry no
-        signal, else `{"stopping": bool tensor}`, summed over replicas inside a
-        TPU replicate context (see `feed.graph.stopping_signals`).
+        signal, else `{"stopping": bool tensor, "real_examples": int32 [1]}`:
+        the stop flag under the graph's stop rule, summed over replicas inside
+        a TPU replicate context, and this replica's count of real examples
+        (see `feed.graph.stopping_signals`). TPUEstimator outfeeds every key
+        of the dict, each concatenated over replicas.
         """
         return graph.stopping_signals(features), _USER_PROVIDED_SIGNAL_NAME
+
+
+def _replicas_per_host(ctx: Any) -> Optional[int]:
+    """`ctx.num_of_replicas_per_host` when the context has a positive int there, else None."""
+    value = getattr(ctx, "num_of_replicas_per_host", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value

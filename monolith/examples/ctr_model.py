@@ -5,21 +5,27 @@ which run unchanged on a Cloud TPU and on CPU through `monolith.core.testing`:
 
 * `input_fn` builds a deterministic synthetic click log (no download, made
   in-graph), takes the part of each global batch that its host's replicas
-  train (`params["context"]`), skips the batches a restored checkpoint has
-  already trained (`skip_trained_batches`) and ends it with
-  `append_stopping_signals`, so the feed hook stops training by itself after
-  the last real batch;
+  train (`params["context"]`), or with `host_shard_sizes` the host's own
+  shard of the stream, skips the batches a restored checkpoint has already
+  trained (`skip_trained_batches`) and ends it with
+  `append_stopping_signals(stop_rule=...)`, so the feed hook stops training
+  by itself after the last real batch;
 * `model_fn` looks up user and item embeddings (Adagrad) and runs a two-layer
-  MLP (Adam), both optimizers wrapped with `skip_padding_steps` so a padding
-  step changes no weight, slot or global step; it counts the examples trained
-  in a checkpointed variable, and records its metrics, with the per-example
-  padding flag as `stopping_signals`, with `BaseEmbeddingHostCall` for AUC
-  and DeepInsight summaries. Under `params["use_tpu"]` (a TPU, or the
-  emulated TPU loop of `monolith.core.testing`) the gradients, the counter
-  and the host call are combined over replicas.
+  MLP (Adam) on the mean loss over the step's real examples
+  (`masked_mean_loss`, with `CrossShardOptimizer(reduction=SUM)`), both
+  optimizers wrapped with `skip_padding_steps` so a padding step changes no
+  weight, slot or global step; it counts the examples trained in a
+  checkpointed variable (on the steps that train: `is_padding_step`), and
+  records its metrics, with the per-example padding flag as
+  `stopping_signals`, with `BaseEmbeddingHostCall` for AUC and DeepInsight
+  summaries. Under `params["use_tpu"]` (a TPU, or the emulated TPU loop of
+  `monolith.core.testing`) the gradients, the counter and the host call are
+  combined over replicas. The same model trains under either stop rule.
 
 Params (beyond TPUEstimator's `batch_size`, `context` and `use_tpu`):
-`model_dir`, `num_examples`, `seed`.
+`model_dir`, `num_examples`, `seed`, and optionally `stop_rule` ("any", the
+default, or "all": `STOP_RULES`) and `host_shard_sizes` (per host, its shard
+in batches of `batch_size`; PER_HOST_V2 input).
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from tensorflow_estimator.python.estimator.tpu import tpu_config, tpu_estimator
 from monolith.core.base_embedding_host_call import BaseEmbeddingHostCall
 from monolith.core.stopping_signals import (
     USER_PROVIDED_SIGNAL_NAME,
+    StopRule,
     append_stopping_signals,
+    is_padding_step,
+    masked_mean_loss,
     skip_padding_steps,
     skip_trained_batches,
 )
@@ -51,6 +60,8 @@ EXAMPLES_PER_BLOCK = 1_024
 # Checkpointed count of the examples trained, updated by the train op that
 # updates the weights (by 0 on a padding step): the report reads it.
 EXAMPLES_TRAINED = "examples_trained"
+# params["stop_rule"] -> the rule append_stopping_signals is given.
+STOP_RULES = {"any": StopRule.ANY_REPLICA_PADDING, "all": StopRule.ALL_REPLICAS_PADDING}
 
 
 def _hidden_click_model(seed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -171,21 +182,57 @@ def _host_batches(
     return global_batches.map(host_part).unbatch()
 
 
+def _host_shard(dataset: tf.data.Dataset, params: Mapping[str, Any]) -> tf.data.Dataset:
+    """This host's own shard: `host_shard_sizes[host]` batches, after the earlier hosts' shards.
+
+    A pod whose hosts read different files: host h's shard is the part of
+    the stream after hosts 0 .. h-1's, in batches of `params["batch_size"]`
+    (one per replica and step under PER_HOST_V2), so shards of different
+    lengths end at different steps.
+    """
+    sizes = params["host_shard_sizes"]
+    context = params.get("context")
+    host = context.current_host if context is not None else 0
+    if context is not None and context.num_hosts != len(sizes):
+        raise ValueError(
+            f"host_shard_sizes={list(sizes)} gives {len(sizes)} shards for "
+            f"{context.num_hosts} hosts."
+        )
+    batch = params["batch_size"]
+    shard = dataset.skip(sum(sizes[:host]) * batch).take(sizes[host] * batch)
+    return shard.batch(batch, drop_remainder=True)
+
+
+def stop_rule(params: Mapping[str, Any]) -> StopRule:
+    """The stop rule `params["stop_rule"]` names ("any", the default, or "all")."""
+    name = params.get("stop_rule", "any")
+    if name not in STOP_RULES:
+        raise ValueError(f"params['stop_rule']={name!r} must be one of {sorted(STOP_RULES)}.")
+    return STOP_RULES[name]
+
+
 def input_fn(params: Mapping[str, Any], config: Optional[Any] = None) -> tf.data.Dataset:
     """This host's batches of the click log, minus those trained, then padding.
 
     See `_host_batches` for which rows a host reads (on one host with one
-    replica: all of them, in batches of `params["batch_size"]`). On a
-    restored model_dir, `skip_trained_batches` resumes after the batches the
-    checkpoint's global step has trained on this host (the stream is
-    deterministic, so they are the same batches; each step took
-    `current_input_fn_deployment()[3]` of them under PER_HOST_V2). Padding
-    batches carry the stop signal, which ends training after the real ones.
+    replica: all of them, in batches of `params["batch_size"]`), or, with
+    `params["host_shard_sizes"]`, `_host_shard`. On a restored model_dir,
+    `skip_trained_batches` resumes after the batches the checkpoint's global
+    step has trained on this host (the stream is deterministic, so they are
+    the same batches; each step took `current_input_fn_deployment()[3]` of
+    them under PER_HOST_V2; a host whose shard ended earlier has consumed
+    all of it). Padding batches carry the stop signal, which ends training
+    after the real ones under `params["stop_rule"]` (the only place the rule
+    is chosen: the feed hook and `skip_padding_steps` follow it).
     """
+    rule = stop_rule(params)
     dataset = synthetic_click_log(params["num_examples"], params.get("seed", 0))
-    dataset = _host_batches(dataset, params, config)
+    if params.get("host_shard_sizes"):
+        dataset = _host_shard(dataset, params)
+    else:
+        dataset = _host_batches(dataset, params, config)
     dataset = skip_trained_batches(dataset, context=params.get("context"))
-    return append_stopping_signals(dataset).prefetch(2)
+    return append_stopping_signals(dataset, stop_rule=rule).prefetch(2)
 
 
 def _embedding_table(name: str, vocabulary: int, seed: int) -> tf.Variable:
@@ -207,20 +254,19 @@ def _dense_layer(name: str, inputs: tf.Tensor, units: int, seed: int) -> tf.Tens
     return tf.matmul(inputs, kernel) + bias
 
 
-def _count_examples_trained(padding: tf.Tensor, use_tpu: bool) -> tf.Operation:
+def _count_examples_trained(features: Mapping[str, tf.Tensor], use_tpu: bool) -> tf.Operation:
     """Adds the examples this step trains (all replicas') to a checkpointed counter.
 
-    A step is padding when any replica's batch is padding, the rule by which
-    the feed hook stops and `skip_padding_steps` skips the update: such a step
-    trains no example, not even the real ones other replicas may hold.
+    A padding step (`is_padding_step`: under the stop rule, the step on
+    which `skip_padding_steps` skips the update) trains no example; under
+    the default rule not even the real ones other replicas may hold.
     """
+    padding = features[USER_PROVIDED_SIGNAL_NAME]
     real = tf.reduce_sum(tf.cast(tf.logical_not(padding), tf.int32))
-    padding_batches = tf.cast(tf.reduce_any(padding), tf.int32)
     if use_tpu:
         # Each replica holds a copy of the counter: add the same total to all.
         real = tf.compat.v1.tpu.cross_replica_sum(real)
-        padding_batches = tf.compat.v1.tpu.cross_replica_sum(padding_batches)
-    trained = tf.where(padding_batches > 0, tf.constant(0, tf.int32), real)
+    trained = tf.where(is_padding_step(features), tf.constant(0, tf.int32), real)
     counter = tf.compat.v1.get_variable(
         EXAMPLES_TRAINED,
         [],
@@ -235,12 +281,19 @@ def _count_examples_trained(padding: tf.Tensor, use_tpu: bool) -> tf.Operation:
 def _optimizer(
     optimizer: tf.compat.v1.train.Optimizer, features: Mapping[str, tf.Tensor], use_tpu: bool
 ) -> tf.compat.v1.train.Optimizer:
-    """`optimizer` applying nothing on padding steps, summed over replicas on a TPU."""
+    """`optimizer` applying nothing on padding steps, summed over replicas on a TPU.
+
+    SUM: each replica's loss is its share of the step's mean over its real
+    examples (`masked_mean_loss`), so the sum of the replicas' gradients is
+    the gradient of that mean.
+    """
     optimizer = skip_padding_steps(optimizer, features)
     if use_tpu:
         # The gradient sum outside skip_padding_steps' conditional: every
         # replica runs it on every step.
-        optimizer = tf.compat.v1.tpu.CrossShardOptimizer(optimizer)
+        optimizer = tf.compat.v1.tpu.CrossShardOptimizer(
+            optimizer, reduction=tf.compat.v1.losses.Reduction.SUM
+        )
     return optimizer
 
 
@@ -322,15 +375,19 @@ def model_fn(features, labels, mode, params):
     logits = _dense_layer("logits", hidden, 1, seed + 3)[:, 0]
     preds = tf.sigmoid(logits)
 
-    # The loss over the real examples, so the logged loss is the real one.
-    # This mask does not keep padding steps from training (Adam moves weights
-    # on a zero gradient): skip_padding_steps below does.
+    # The mean loss over the step's real examples (this replica's share of
+    # it): padding examples do not train, also in a step that is partly real
+    # (trained under the "all" stop rule). This mask does not keep padding
+    # steps from training (Adam moves weights on a zero gradient):
+    # skip_padding_steps below does.
     weights = tf.cast(tf.logical_not(padding), tf.float32)
     per_example = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
-    loss = tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    share = masked_mean_loss(per_example, features)
+    # What is logged: the step's mean itself (the replicas' shares summed).
+    loss = tf.compat.v1.tpu.cross_replica_sum(share) if use_tpu else share
 
     train_op = tf.group(
-        _minimize(loss, embeddings, features, use_tpu), _count_examples_trained(padding, use_tpu)
+        _minimize(share, embeddings, features, use_tpu), _count_examples_trained(features, use_tpu)
     )
 
     # generate_host_call_hook() below orders the host call's global-step read

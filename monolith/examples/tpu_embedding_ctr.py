@@ -11,18 +11,30 @@ not in dense variables of the model. Here:
 
 * `input_fn` yields a sparse id feature `item_ids` (each example clicked
   1-3 items of a catalogue) and ends the finite stream with
-  `append_stopping_signals`; its padding batches hold an empty
-  `tf.SparseTensor` (no ids for any example), which the embedding enqueue
-  accepts like any batch whose examples have no ids;
+  `append_stopping_signals(..., stop_rule=StopRule.ALL_REPLICAS_PADDING)`;
+  its padding batches hold an empty `tf.SparseTensor` (no ids for any
+  example), which the embedding enqueue accepts like any batch whose
+  examples have no ids;
 * `EmbeddingConfigSpec` declares the table with
   `tf.compat.v1.tpu.experimental.embedding_column` over the categorical id
   column, trained with Adagrad (`AdagradParameters`);
 * `model_fn` reads the looked-up (mean-combined) embeddings with
   `input_layer` and trains its dense layer with Adagrad through
-  `CrossShardOptimizer`, wrapped with `skip_padding_steps` so that padding
-  steps train nothing (the padding batch's empty ids update no table row);
+  `CrossShardOptimizer(reduction=SUM)` on `masked_mean_loss` (the mean over
+  the step's real examples), wrapped with `skip_padding_steps`;
 * the end-of-stream feed hook stops training after the last real batch; it
   passes the TPU embedding configuration to `initialize_system`.
+
+Why ALL_REPLICAS_PADDING: TPU embedding applies the table gradients outside
+the model's optimizer (`send_tpu_embedding_gradients`, on every step), so
+`skip_padding_steps` cannot skip them. Under the default rule, on a step in
+which only some replicas pad, the real batches' rows would be updated while
+the dense layer and the global step are not, and a restart would replay
+that step: those rows trained twice. Under ALL_REPLICAS_PADDING every
+partly real step is a counted step, so the table and the dense layer see
+each batch exactly once. Padding examples reach the table with a zero loss
+weight, and their empty ids touch no row; a step of padding only (after the
+stream) sends no id at all.
 
 TPU only: on CPU, dry-run it (second command above).
 """
@@ -41,8 +53,9 @@ from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
 from monolith.core.stopping_signals import (
-    USER_PROVIDED_SIGNAL_NAME,
+    StopRule,
     append_stopping_signals,
+    masked_mean_loss,
     skip_padding_steps,
 )
 
@@ -78,11 +91,17 @@ def synthetic_clicks(num_examples: int, seed: int = 0) -> tf.data.Dataset:
 
 
 def input_fn(params: Mapping[str, Any]) -> tf.data.Dataset:
-    """Per-host batches of the finite click stream, then padding batches flagged True."""
+    """Per-host batches of the finite click stream, then padding batches flagged True.
+
+    ALL_REPLICAS_PADDING: training stops only on a step in which every
+    replica's batch is padding (see the module docstring).
+    """
     batch_size = params["batch_size"]
     dataset = synthetic_clicks(params["num_examples"], params.get("seed", 0))
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    return append_stopping_signals(dataset, batch_size=batch_size)
+    return append_stopping_signals(
+        dataset, batch_size=batch_size, stop_rule=StopRule.ALL_REPLICAS_PADDING
+    )
 
 
 def embedding_columns() -> list:
@@ -108,19 +127,33 @@ def embedding_config_spec(learning_rate: float = 0.05) -> tpu_estimator.Embeddin
 
 
 def model_fn(features: Mapping[str, Any], labels: tf.Tensor, mode: str, params: Mapping) -> Any:
-    """Logistic regression on the looked-up item embedding; padding steps train nothing."""
+    """Logistic regression on the looked-up item embedding; padding examples train nothing.
+
+    The loss is each replica's share of the mean over the step's real
+    examples (`masked_mean_loss`): padding examples have a zero weight, for
+    the dense layer and for the table gradients TPUEstimator sends alike, and
+    `CrossShardOptimizer(reduction=SUM)` sums the shares' gradients into the
+    gradient of that mean. `skip_padding_steps` skips the steps of padding
+    only (after the stream), which then do not advance the global step.
+    """
     del params
     embedded = tf.compat.v1.feature_column.input_layer(features, embedding_columns())
     logits = tf.compat.v1.layers.dense(embedded, 1, name="logits")
-    # The weights only keep padding out of the logged loss; skip_padding_steps
-    # keeps padding steps from training and from advancing the global step.
-    real = 1.0 - tf.cast(tf.reshape(features[USER_PROVIDED_SIGNAL_NAME], [-1, 1]), tf.float32)
-    loss = tf.compat.v1.losses.sigmoid_cross_entropy(labels, logits, weights=real)
+    per_example = tf.compat.v1.losses.sigmoid_cross_entropy(
+        labels, logits, reduction=tf.compat.v1.losses.Reduction.NONE
+    )
+    loss = masked_mean_loss(per_example, features)
     optimizer = skip_padding_steps(
-        tf.compat.v1.tpu.CrossShardOptimizer(tf.compat.v1.train.AdagradOptimizer(0.05)), features
+        tf.compat.v1.tpu.CrossShardOptimizer(
+            tf.compat.v1.train.AdagradOptimizer(0.05),
+            reduction=tf.compat.v1.losses.Reduction.SUM,
+        ),
+        features,
     )
     train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
-    return tpu_estimator.TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
+    # What TPUEstimator logs: the step's mean itself (the replicas' shares summed).
+    logged = tf.compat.v1.tpu.cross_replica_sum(loss)
+    return tpu_estimator.TPUEstimatorSpec(mode, loss=logged, train_op=train_op)
 
 
 def train_on_tpu(args: argparse.Namespace) -> None:

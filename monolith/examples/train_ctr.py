@@ -2,6 +2,8 @@
 
     python -m monolith.examples.train_ctr                  # CPU, emulated TPU loop
     python -m monolith.examples.train_ctr --num_hosts 2 --replicas_per_host 4  # emulated pod
+    python -m monolith.examples.train_ctr --num_hosts 2 --replicas_per_host 2 \
+        --host_shard_sizes 40,25 --stop_rule all     # hosts with uneven shards, nothing lost
     python -m monolith.examples.train_ctr --tpu=my-tpu --model_dir=gs://bucket/ctr
 
 On CPU (the default) the TPUEstimator model_fn and input_fn of
@@ -17,7 +19,13 @@ On CPU, `--num_hosts` and `--replicas_per_host` emulate a pod (PER_HOST_V2
 input, as on the TPU path): each host's input_fn reads its replicas' part of
 every global batch, so the pod trains the same global batches (of
 `--batch_size`) as one replica would, and the report gives each host's
-batches.
+batches. `--host_shard_sizes 40,25` gives each host its own shard of the
+stream instead, of that many per-replica batches (hosts reading files of
+different sizes), and `--stop_rule any|all` chooses the stop rule
+(`StopRule.ANY_REPLICA_PADDING`, the default: training stops when the
+shortest shard ends; `ALL_REPLICAS_PADDING`: when the longest does, every
+batch trained). The report then says, per host, how many of its batches
+were trained and how many were left untrained.
 
 Restarts: run the same command on the same `--model_dir` and training resumes
 after the batches the checkpoint has trained (`skip_trained_batches`); on a
@@ -77,8 +85,8 @@ class Report:
       last_auc: The `auc` summary with the highest step, if this run trained
         any example and wrote one.
       host_batches: On an emulated pod (more than one replica), per host,
-        `(real, padding)` batches its input fed into this run's steps; None
-        otherwise.
+        a `HostBatches`; None otherwise.
+      stop_rule: The stop rule ("any" or "all").
     """
 
     stop_reason: Optional[preemption.StopReason]
@@ -92,6 +100,7 @@ class Report:
     tensorboard_logdir: str
     last_auc: Optional[float]
     host_batches: Optional[tuple] = None
+    stop_rule: str = "any"
 
     def lines(self) -> list:
         auc = "none written" if self.last_auc is None else f"{self.last_auc:.4f}"
@@ -112,15 +121,40 @@ class Report:
             f"  padding steps:     {padding}",
             f"  examples trained:  {self.examples} ({self.total_examples} in the model)",
         ]
-        for host, (real, padding_batches) in enumerate(self.host_batches or ()):
-            label = f"host {host} fed:"
-            lines.append(f"  {label:<19}{real} real and {padding_batches} padding batches")
+        for host, batches in enumerate(self.host_batches or ()):
+            lines.append(f"  {f'host {host}:':<19}{batches.text()}")
+        untrained = sum(b.untrained or 0 for b in self.host_batches or ())
+        if untrained:
+            lines.append(
+                f"  NOT TRAINED:       {untrained} real batches (stop rule {self.stop_rule}: "
+                "training stopped when the shortest shard ended; --stop_rule all trains them)"
+            )
         return lines + [
             f"  final checkpoint:  {self.final_checkpoint}",
             f"  TensorBoard logs:  {self.tensorboard_logdir}",
             f"  last AUC:          {auc}",
             f"  view with:         tensorboard --logdir {self.tensorboard_logdir}",
         ]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBatches:
+    """One host's batches in a run on the emulated pod (`TrainResult`'s per-host counts).
+
+    Attributes:
+      trained: Real batches it fed into steps that trained them.
+      untrained: Real batches of its stream this run did not train (after a
+        stop at the end of the stream; None otherwise).
+      padding: Padding batches it fed.
+    """
+
+    trained: int
+    untrained: Optional[int]
+    padding: int
+
+    def text(self) -> str:
+        untrained = "" if self.untrained is None else f", {self.untrained} left untrained"
+        return f"{self.trained} batches trained{untrained}; {self.padding} padding batches fed"
 
 
 _STOP_LINES = {
@@ -220,6 +254,7 @@ def build_report(
     start: _Counters,
     steps_run: Optional[int] = None,
     host_batches: Optional[tuple] = None,
+    stop_rule: str = "any",
 ) -> Report:
     """What this run trained: `model_dir`'s final counters minus those it started from.
 
@@ -227,7 +262,8 @@ def build_report(
       model_dir: The run's model_dir, after training.
       start: The counters it started from (`_read_counters` before training).
       steps_run: Steps the run ran, padding included, if known.
-      host_batches: Per host, `(real, padding)` batches fed, if reported.
+      stop_rule: The run's stop rule ("any" or "all").
+      host_batches: Per host, a `HostBatches`, if reported.
     """
     end = _read_counters(model_dir)
     steps = end.global_step - start.global_step
@@ -246,12 +282,21 @@ def build_report(
         # no AUC of its own: its streaming AUC saw nothing.
         last_auc=last_auc(logdir) if end.examples > start.examples else None,
         host_batches=host_batches,
+        stop_rule=stop_rule,
     )
 
 
 def model_params(args: argparse.Namespace) -> dict:
     """The model's params (TPUEstimator adds `batch_size`, `context` and `use_tpu`)."""
-    return {"model_dir": args.model_dir, "num_examples": args.num_examples, "seed": args.seed}
+    params = {
+        "model_dir": args.model_dir,
+        "num_examples": args.num_examples,
+        "seed": args.seed,
+        "stop_rule": args.stop_rule,
+    }
+    if args.host_shard_sizes:
+        params["host_shard_sizes"] = tuple(args.host_shard_sizes)
+    return params
 
 
 def train_on_cpu(args: argparse.Namespace) -> testing.TrainResult:
@@ -313,6 +358,22 @@ def train_on_tpu(args: argparse.Namespace) -> None:
     estimator.train(ctr_model.input_fn, max_steps=sys.maxsize)
 
 
+_DEFAULT_NUM_EXAMPLES = 262_144
+
+
+def _sizes(text: str) -> list:
+    """`--host_shard_sizes`: comma-separated positive ints ("40,25")."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be positive ints separated by commas, one per host (e.g. 40,25)"
+        )
+    return sizes
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tpu", default=None, help="Cloud TPU name; CPU emulation if unset.")
@@ -321,7 +382,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_dir", default=None, help="Checkpoints and logs (default: a new temp dir)."
     )
-    parser.add_argument("--num_examples", type=int, default=262_144)
+    parser.add_argument(
+        "--num_examples",
+        type=int,
+        default=None,
+        help=f"Examples in the stream (default {_DEFAULT_NUM_EXAMPLES}; with --host_shard_sizes, "
+        "the shards' total).",
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="Global batch size.")
     parser.add_argument("--iterations_per_loop", type=int, default=10)
     parser.add_argument(
@@ -340,15 +407,45 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--replicas_per_host", type=int, default=1, help="CPU only: replicas per emulated host."
     )
+    parser.add_argument(
+        "--host_shard_sizes",
+        type=_sizes,
+        default=None,
+        help="CPU only: each emulated host reads its own shard of the stream, of this many "
+        "per-replica batches (e.g. 40,25: one size per host) instead of its part of every "
+        "global batch.",
+    )
+    parser.add_argument(
+        "--stop_rule",
+        choices=sorted(ctr_model.STOP_RULES),
+        default="any",
+        help="any (default, StopRule.ANY_REPLICA_PADDING): stop on the first step in which "
+        "any replica's batch is padding; all (ALL_REPLICAS_PADDING): only on a step in "
+        "which every replica's is, training every batch of uneven shards.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="Keep TensorFlow's INFO logs.")
     args = parser.parse_args(argv)
+    replicas = args.num_hosts * args.replicas_per_host
+    if args.host_shard_sizes:
+        if args.num_examples is not None:
+            parser.error("--num_examples and --host_shard_sizes: give one of them")
+        if args.tpu:
+            parser.error("--host_shard_sizes describes the emulated pod's hosts on CPU")
+        if len(args.host_shard_sizes) != args.num_hosts:
+            parser.error(
+                f"--host_shard_sizes gives {len(args.host_shard_sizes)} shard(s) for "
+                f"--num_hosts={args.num_hosts}"
+            )
+        if args.batch_size % replicas == 0:
+            args.num_examples = sum(args.host_shard_sizes) * (args.batch_size // replicas)
+    if args.num_examples is None:
+        args.num_examples = _DEFAULT_NUM_EXAMPLES
     for name in ("num_examples", "batch_size", "iterations_per_loop", "num_hosts"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name}={getattr(args, name)} must be positive")
     if args.replicas_per_host <= 0:
         parser.error(f"--replicas_per_host={args.replicas_per_host} must be positive")
-    replicas = args.num_hosts * args.replicas_per_host
     if args.tpu and replicas > 1:
         parser.error(
             "--num_hosts and --replicas_per_host describe the emulated pod on CPU; with --tpu "
@@ -386,6 +483,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
             f"CPU (emulated pod of {args.num_hosts} hosts x {args.replicas_per_host} replicas, "
             f"{args.batch_size // (args.num_hosts * args.replicas_per_host)} per replica)"
         )
+    if args.host_shard_sizes:
+        shards = ",".join(map(str, args.host_shard_sizes))
+        where += f", host shards of {shards} batches"
+    if args.host_shard_sizes or args.stop_rule != "any":
+        where += f", stop rule {args.stop_rule}"
     print(
         f"Training a CTR model on {args.num_examples} synthetic examples "
         f"(batch {args.batch_size}, {args.iterations_per_loop} steps per loop) on {where}; "
@@ -401,8 +503,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         result = train_on_cpu(args)
         steps_run = result.steps_run
         if args.num_hosts * args.replicas_per_host > 1:
-            host_batches = tuple(zip(result.real_batches, result.padding_batches))
-    report = build_report(args.model_dir, start, steps_run, host_batches)
+            untrained = result.untrained_real_batches or (None,) * args.num_hosts
+            host_batches = tuple(
+                HostBatches(trained, left, padding)
+                for trained, left, padding in zip(
+                    result.trained_real_batches, untrained, result.padding_batches
+                )
+            )
+    report = build_report(args.model_dir, start, steps_run, host_batches, args.stop_rule)
     print(f"Done in {time.monotonic() - started:.1f} s.")
     print("\n".join(report.lines()), flush=True)
     return report

@@ -6,14 +6,22 @@ PYTHONPATH at the repository root; `MONOLITH_TF_BEHAVIOR=v1` runs it after
 
 It trains through the CPU emulation of the TPU loop (`monolith.core.testing.train`)
 the way a user's TPUEstimator program would: the input_fn resumes with
-`skip_trained_batches` and ends with `append_stopping_signals`; the model_fn
-wraps its optimizer in `skip_padding_steps`. Ids 1..N are shuffled with a
-seed (a deterministic order, which resuming rests on) and batched. In the
-same train op as its weight update, the model adds to checkpointed counters:
-`trained_times[id]` (how often each id was trained), `real_examples` and
-`id_sum`. A run that trains every real example exactly once ends with
-`trained_times[1:] == 1`, `real_examples == N`, `id_sum == N(N+1)/2` and the
-global step equal to the number of real batches.
+`skip_trained_batches` and ends with `append_stopping_signals` (with
+`--stop_rule`); the model_fn trains `masked_mean_loss` with
+`skip_padding_steps(CrossShardOptimizer(..., reduction=SUM))`. Ids 1..N are
+shuffled with a seed (a deterministic order, which resuming rests on) and
+batched. In the same train op as its weight update, the model adds to
+checkpointed counters, summed over replicas and only on steps that train
+(`is_padding_step`): `trained_times[id]` (how often each id was trained),
+`real_examples` and `id_sum`. A run that trains every real example exactly
+once ends with `trained_times[1:] == 1`, `real_examples == N` and `id_sum ==
+N(N+1)/2`.
+
+On an emulated pod (`--num_hosts`, `--replicas_per_host`, PER_HOST_V2),
+`--host_shards 12,7` gives host h its own shard of that many batches (of
+`--batch` examples, one per replica and step): host 0 the first 12 * batch
+ids, host 1 the next 7 * batch, each shuffled with the seed; N is their
+total. Without it, one host reads all N ids.
 
 Hooks into the step for the tests (a py_func that sees the global step, i.e.
 the number of real steps trained before this step; it stays at the number of
@@ -52,7 +60,10 @@ from tensorflow_estimator.python.estimator.tpu.tpu_estimator import (  # noqa: E
 from monolith.core import preemption, testing  # noqa: E402
 from monolith.core.stopping_signals import (  # noqa: E402
     USER_PROVIDED_SIGNAL_NAME,
+    StopRule,
     append_stopping_signals,
+    is_padding_step,
+    masked_mean_loss,
     skip_padding_steps,
     skip_trained_batches,
 )
@@ -60,12 +71,25 @@ from monolith.core.stopping_signals import (  # noqa: E402
 _PAUSE_LIMIT_SECS = 60.0
 
 
-def _make_input_fn(num_examples: int, batch: int):
+_RULES = {"any": StopRule.ANY_REPLICA_PADDING, "all": StopRule.ALL_REPLICAS_PADDING}
+
+
+def _shard(args, host: int) -> tuple:
+    """(first id, number of ids) of `host`'s shard."""
+    if not args.host_shards:
+        return 1, args.num_examples
+    before = sum(args.host_shards[:host]) * args.batch
+    return before + 1, args.host_shards[host] * args.batch
+
+
+def _make_input_fn(args):
     def input_fn(params):
-        ids = tf.data.Dataset.range(1, num_examples + 1).shuffle(num_examples, seed=7)
-        dataset = ids.batch(batch, drop_remainder=True).map(lambda x: {"id": x})
-        dataset = skip_trained_batches(dataset, context=params.get("context"))
-        return append_stopping_signals(dataset)
+        context = params.get("context")
+        first, count = _shard(args, context.current_host if context is not None else 0)
+        ids = tf.data.Dataset.range(first, first + count).shuffle(count, seed=7)
+        dataset = ids.batch(args.batch, drop_remainder=True).map(lambda x: {"id": x})
+        dataset = skip_trained_batches(dataset, context=context)
+        return append_stopping_signals(dataset, stop_rule=_RULES[args.stop_rule])
 
     return input_fn
 
@@ -96,10 +120,7 @@ def _make_model_fn(args):
         probed = tf.compat.v1.py_func(_step_probe(args), [global_step], tf.int64, stateful=True)
         weight = tf.compat.v1.get_variable("w", [], tf.float32, tf.compat.v1.zeros_initializer())
         target = tf.cast(ids, tf.float32) / args.num_examples
-        realf = tf.cast(real, tf.float32)
-        loss = tf.reduce_sum(realf * tf.square(weight - target)) / tf.maximum(
-            tf.reduce_sum(realf), 1.0
-        )
+        loss = masked_mean_loss(tf.square(weight - target), features)
         trained_times = tf.compat.v1.get_variable(
             "trained_times",
             [args.num_examples + 1],
@@ -113,14 +134,30 @@ def _make_model_fn(args):
         id_sum = tf.compat.v1.get_variable(
             "id_sum", [], tf.int64, tf.compat.v1.zeros_initializer(), trainable=False
         )
-        optimizer = skip_padding_steps(tf.compat.v1.train.GradientDescentOptimizer(0.1), features)
+        optimizer = skip_padding_steps(
+            tf.compat.v1.tpu.CrossShardOptimizer(
+                tf.compat.v1.train.GradientDescentOptimizer(0.1),
+                reduction=tf.compat.v1.losses.Reduction.SUM,
+            ),
+            features,
+        )
         with tf.control_dependencies([probed]):
             minimize = optimizer.minimize(loss, global_step=global_step)
+        # Every replica's real examples (each replica holds a copy of the
+        # counters), added only on the steps that train.
+        counts = tf.math.unsorted_segment_sum(
+            tf.cast(real, tf.int32), features["id"], args.num_examples + 1
+        )
+        counts = tf.compat.v1.tpu.cross_replica_sum(counts)
+        counts = tf.where(is_padding_step(features), tf.zeros_like(counts), counts)
+        counts = tf.cast(counts, tf.int64)
         train_op = tf.group(
             minimize,
-            tf.compat.v1.scatter_add(trained_times, features["id"], real),
-            real_examples.assign_add(tf.reduce_sum(real)),
-            id_sum.assign_add(tf.reduce_sum(ids)),
+            trained_times.assign_add(counts),
+            real_examples.assign_add(tf.reduce_sum(counts)),
+            id_sum.assign_add(
+                tf.reduce_sum(counts * tf.range(args.num_examples + 1, dtype=tf.int64))
+            ),
         )
         return TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
 
@@ -163,7 +200,15 @@ def _parse(argv):
     parser.add_argument("--pause_at_step", type=int, default=-1)
     parser.add_argument("--pause_file", default="")
     parser.add_argument("--abort_at_step", type=int, default=-1)
-    return parser.parse_args(argv)
+    parser.add_argument("--num_hosts", type=int, default=1)
+    parser.add_argument("--replicas_per_host", type=int, default=1)
+    parser.add_argument("--host_shards", default="", help="Batches per host, e.g. 12,7.")
+    parser.add_argument("--stop_rule", choices=sorted(_RULES), default="any")
+    args = parser.parse_args(argv)
+    args.host_shards = [int(n) for n in args.host_shards.split(",")] if args.host_shards else []
+    if args.host_shards:
+        args.num_examples = sum(args.host_shards) * args.batch
+    return args
 
 
 def main(argv=None) -> int:
@@ -172,13 +217,17 @@ def main(argv=None) -> int:
     hooks = [sessions]
     if args.abort_at_step >= 0:
         hooks.append(_AbortOnce(args.abort_at_step))
+    replicas = args.num_hosts * args.replicas_per_host
     result = testing.train(
         _make_model_fn(args),
-        _make_input_fn(args.num_examples, args.batch),
+        _make_input_fn(args),
         model_dir=args.model_dir,
         iterations_per_loop=args.iterations_per_loop,
         save_checkpoints_steps=args.save_checkpoints_steps,
         hooks=hooks,
+        num_hosts=args.num_hosts,
+        replicas_per_host=args.replicas_per_host,
+        train_batch_size=args.batch * replicas if replicas > 1 else None,
     )
     reason = preemption.last_stop_reason()
     summary = {

@@ -26,8 +26,9 @@ from monolith.core import simulated_tpu
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from monolith.core.feed import signal
 from monolith.core.simulated_tpu import device_boundary, dry_run
-from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME
+from monolith.core.stopping_signals import USER_PROVIDED_SIGNAL_NAME, StopRule
 from monolith.examples import tpu_embedding_ctr
 from tests.core._simulated_tpu_helpers import on_other_thread, patched_tensorflow_attributes
 
@@ -372,22 +373,29 @@ def test_embedding_example_builds_the_embedding_step(embedding_graph):
     assert any(t.startswith("EnqueueTPUEmbedding") for t in types)
 
 
+def test_embedding_example_trains_under_the_all_replicas_rule(embedding_graph):
+    """Every partly real step is counted: the table and dense updates see each batch once."""
+    assert embedding_graph.feed_hook.stop_rule is StopRule.ALL_REPLICAS_PADDING
+    readers = signal.stop_rule_readers(embedding_graph.graph)
+    assert set(readers.values()) == {StopRule.ALL_REPLICAS_PADDING}
+    assert "skip_padding_steps" in readers
+
+
 def test_embedding_example_padding_batch_is_an_empty_sparse_batch_of_full_size():
     batch = 8
-    dataset = tpu_embedding_ctr.input_fn({"batch_size": batch, "num_examples": 2 * batch})
-    ids_name = tpu_embedding_ctr.ITEM_IDS
-    parts = dataset.take(3).map(
-        lambda features, labels: (
-            features[USER_PROVIDED_SIGNAL_NAME],
-            features[ids_name].indices,
-            features[ids_name].values,
-            features[ids_name].dense_shape,
-            labels,
+    # A graph of its own: the input_fn records its stop rule in the graph it builds in.
+    with tf.Graph().as_default():
+        dataset = tpu_embedding_ctr.input_fn({"batch_size": batch, "num_examples": 2 * batch})
+        ids_name = tpu_embedding_ctr.ITEM_IDS
+        parts = dataset.take(3).map(
+            lambda features, labels: (
+                features[USER_PROVIDED_SIGNAL_NAME],
+                features[ids_name].indices,
+                features[ids_name].values,
+                features[ids_name].dense_shape,
+                labels,
+            )
         )
-    )
-    if tf.executing_eagerly():
-        elements = list(parts.as_numpy_iterator())
-    else:
         with tf.compat.v1.Session() as session:
             get_next = tf.compat.v1.data.make_one_shot_iterator(parts).get_next()
             elements = [session.run(get_next) for _ in range(3)]
@@ -507,6 +515,7 @@ def test_cli_example_tpu_path_reaches_the_boundary(cli, topology, hosts, cores):
         assert op in fields["train step ops"]
     assert fields["host call"] == "yes"
     assert fields["TPU embedding"] == "no"
+    assert fields["stop rule"] == "ANY_REPLICA_PADDING"  # the example's default
 
 
 @_TOPOLOGIES
@@ -515,6 +524,7 @@ def test_cli_tpu_embedding_example_reaches_the_boundary(cli, topology, hosts, co
     assert fields["TPU system"] == f"{hosts} host(s) x {cores} core(s), 8 replica(s)"
     assert fields["feed hook"] == FEED_HOOK
     assert fields["TPU embedding"] == "yes (1 table(s), 1 feature(s))"
+    assert fields["stop rule"] == "ALL_REPLICAS_PADDING"  # every partly real step counted
     assert "RecvTPUEmbeddingActivations" in fields["train step ops"]
     assert "SendTPUEmbeddingGradients" in fields["train step ops"]
 

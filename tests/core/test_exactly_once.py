@@ -10,6 +10,13 @@ the stream, and the global step is the number of real batches. The counters
 are updated in the same train op as the weights, so they are exactly what
 the checkpointed model has trained on.
 
+On an emulated pod of 2 hosts x 2 replicas whose hosts read shards of 12
+and 7 batches, under `StopRule.ALL_REPLICAS_PADDING` (every partly real step
+trained and counted), each host resumes after min(global step x 2, its
+shard) batches: kill -9 twice mid-stream, once while both hosts have data
+and once after host 1's shard has ended, then a restart, trains every
+example exactly once.
+
 Disturbances happen at known steps: the program kills itself (SIGKILL) in a
 given step, or pauses in a given step until the test has sent a signal, so
 a signal provably arrives mid-stream. The only time bounds are the "exits
@@ -160,6 +167,39 @@ def test_kill_9_then_restart_until_done(tmp_path, tf_behavior, save_every, kill_
     summary = _run(model_dir, tf_behavior, periodic)
     assert summary["stop_reason"] == "end_of_stream"
     _assert_trained_exactly_once(model_dir)
+
+
+# 2 hosts x 2 replicas, host 1's shard 7 batches: its replica 3 is padding from step 4 on.
+POD_ALL = ["--num_hosts=2", "--replicas_per_host=2", "--host_shards=12,7", "--stop_rule=all"]
+POD_EXAMPLES = (12 + 7) * BATCH
+
+
+def _assert_pod_checkpoint(model_dir, steps):
+    """The checkpoint holds `steps` steps: min(2 * steps, shard) batches of each host, each once."""
+    counts = _counts(model_dir)
+    batches = min(2 * steps, 12) + min(2 * steps, 7)
+    assert counts["global_step"] == steps
+    assert counts["real_examples"] == batches * BATCH
+    assert counts["trained_times"].max() == 1 and counts["trained_times"].sum() == batches * BATCH
+    return counts
+
+
+def test_all_rule_on_an_uneven_pod_resumes_each_host_exactly_after_two_kill_9s(
+    tmp_path, tf_behavior
+):
+    model_dir = tmp_path / "model"
+    periodic = "--save_checkpoints_steps=2"
+    # Step 3: both hosts still have data; back to the checkpoint of step 2.
+    # Step 5: host 1's shard ended in step 4 (trained: a partly real step);
+    # back to step 4, where host 1 has consumed all 7 of its batches, host 0 8.
+    for step, restored in ((3, 2), (5, 4)):
+        _run(model_dir, tf_behavior, *POD_ALL, periodic, f"--kill_at_step={step}", expect_rc=-9)
+        _assert_pod_checkpoint(model_dir, restored)
+    summary = _run(model_dir, tf_behavior, *POD_ALL, periodic)
+    assert summary["stop_reason"] == "end_of_stream"
+    counts = _assert_pod_checkpoint(model_dir, 6)  # host 0's 12 batches, 2 per step
+    np.testing.assert_array_equal(counts["trained_times"], [0] + [1] * POD_EXAMPLES)
+    assert counts["id_sum"] == POD_EXAMPLES * (POD_EXAMPLES + 1) // 2
 
 
 def test_aborted_error_recreates_the_session_and_a_finished_run_trains_nothing_more(

@@ -110,7 +110,7 @@ def test_build_wires_the_hook_like_tpuestimator():
         built = testing.build_emulated_training(counting_model_fn, padded_stream_fn(2))
         assert isinstance(built.hook, TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook)
         assert built.iterations_per_loop_var.name == "tpu_estimator/iterations_per_loop:0"
-        assert set(built.dequeue_ops[SIGNAL]) == {"stopping"}
+        assert set(built.dequeue_ops[SIGNAL]) == {"stopping", "real_examples"}
         assert built.dequeue_ops[SIGNAL]["stopping"].dtype == tf.bool
         assert built.hook.rendezvous is built.rendezvous
 

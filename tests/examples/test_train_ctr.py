@@ -160,23 +160,67 @@ def test_a_pod_trains_the_one_replica_runs_global_batches_and_resumes_per_host(t
     assert first.stop_reason is preemption.StopReason.END_OF_STREAM
     assert (first.global_step, first.padding_steps, first.examples) == (10, 2, 640)
     # 10 real steps of 2 batches per host (one per replica), then 2 padding steps.
-    assert first.host_batches == ((20, 4), (20, 4))
+    assert first.host_batches == (train_ctr.HostBatches(20, 0, 4),) * 2
     out = capsys.readouterr().out
     assert "emulated pod of 2 hosts x 2 replicas, 16 per replica" in out
-    assert "host 0 fed:        20 real and 4 padding batches" in out
-    assert "host 1 fed:        20 real and 4 padding batches" in out
+    assert "host 0:            20 batches trained, 0 left untrained; 4 padding batches fed" in out
+    assert "host 1:            20 batches trained, 0 left untrained; 4 padding batches fed" in out
+    assert "NOT TRAINED" not in out
 
     # The same stream, 6 global batches longer: each host skips its 10 * 2 trained batches.
     resumed = train_ctr.main(["--num_examples", "1024", *flags])
     assert (resumed.start_step, resumed.steps, resumed.examples) == (10, 6, 384)
-    assert resumed.host_batches == ((12, 4), (12, 4))
+    assert resumed.host_batches == (train_ctr.HostBatches(12, 0, 4),) * 2
     reference = _train_exactly(str(tmp_path / "one_replica"), 1024, steps=16)
     _assert_same_variables(_variables(resumed.final_checkpoint), reference)
+
+
+# Host 0 reads 40 batches of 16, host 1 25: host 1's shard ends in step 13.
+UNEVEN = [*POD, "--batch_size", "64", "--iterations_per_loop", "4", "--host_shard_sizes", "40,25"]
+
+
+def test_uneven_shards_under_the_default_rule_stop_with_the_shortest_and_report_the_rest(
+    tmp_path, capsys
+):
+    report = train_ctr.main([*UNEVEN, "--model_dir", str(tmp_path)])
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    # The 12 fully real steps: 24 batches of each host; step 13 and the rest of host 0's shard
+    # are not trained (the loop of steps 13-16 fed host 1's last batch and 7 padding ones).
+    assert (report.global_step, report.examples) == (12, 48 * 16)
+    assert report.host_batches == (
+        train_ctr.HostBatches(24, 16, 0),
+        train_ctr.HostBatches(24, 1, 7),
+    )
+    out = capsys.readouterr().out
+    assert "host shards of 40,25 batches, stop rule any" in out
+    assert "host 0:            24 batches trained, 16 left untrained; 0 padding batches fed" in out
+    assert "NOT TRAINED:       17 real batches (stop rule any" in out
+    assert "--stop_rule all trains them" in out
+
+
+def test_uneven_shards_under_the_all_rule_train_every_batch(tmp_path, capsys):
+    report = train_ctr.main([*UNEVEN, "--stop_rule", "all", "--model_dir", str(tmp_path)])
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    # Host 0's 40 batches take 20 steps; host 1's replicas train their last batches in
+    # steps 12-13 and pad from then on. Then one loop of padding only (steps 21-24).
+    assert (report.global_step, report.examples, report.total_examples) == (20, 1040, 1040)
+    assert report.host_batches == (
+        train_ctr.HostBatches(40, 0, 8),
+        train_ctr.HostBatches(25, 0, 23),
+    )
+    out = capsys.readouterr().out
+    assert "host shards of 40,25 batches, stop rule all" in out
+    assert "NOT TRAINED" not in out
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--num_hosts", "2", "--host_shard_sizes", "40"], "gives 1 shard(s) for --num_hosts=2"),
+        (["--host_shard_sizes", "4", "--num_examples", "64"], "give one of them"),
+        (["--host_shard_sizes", "4,x"], "must be positive ints separated by commas"),
+        (["--host_shard_sizes", "0"], "must be positive ints"),
+        (["--stop_rule", "some"], "invalid choice: 'some'"),
         (["--num_hosts", "2", "--batch_size", "63"], "--batch_size=63 (global) must be divisible"),
         (["--replicas_per_host", "0"], "--replicas_per_host=0 must be positive"),
         (["--num_hosts", "2", "--tpu", "my-tpu", "--model_dir", "gs://b/m"], "emulated pod on CPU"),

@@ -18,12 +18,21 @@ enough to make those steps harmless:
 optimizer's update, including the global step increment, runs inside a
 `tf.cond` that takes the no-op branch when the step is padding.
 
-The decision follows the rule that stops training (the feed hook's
-`get_stopping_signals_and_name`): a step is padding when any replica's batch
-is padding. Inside a TPU replicate context it is taken from a cross-replica
-sum of the flag, so every replica takes the same branch; the collectives of
-the update (e.g. `CrossShardOptimizer`'s gradient sum) then run on all
-replicas or on none, never on some of them (which would hang the TPU).
+The decision follows the stop rule chosen in `append_stopping_signals` and
+recorded in the graph, the rule by which the feed hook stops training:
+
+* `StopRule.ANY_REPLICA_PADDING` (default): a step is padding when any
+  replica's batch is padding;
+* `StopRule.ALL_REPLICAS_PADDING`: a step is padding only when no replica has
+  a real example; a partly real step is applied, so its loss must leave the
+  padding examples out: under this rule the wrapper raises a ValueError
+  when the loss (or the gradients) it is given does not depend on the
+  padding flag (`masked_mean_loss` builds such a loss).
+
+Inside a TPU replicate context the decision is taken from a cross-replica
+sum, so every replica takes the same branch; the collectives of the update
+(e.g. `CrossShardOptimizer`'s gradient sum) then run on all replicas or on
+none, never on some of them (which would hang the TPU).
 
 Where it runs: in the `model_fn`, inside the TPU train step (graph building,
 main thread); the branch is chosen on the device at every step.
@@ -37,9 +46,9 @@ import tensorflow as tf
 from absl import logging
 
 from monolith.core.common.tpu_context import sum_over_replicas
-from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME
+from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME, StopRule, follow_stop_rule
 
-__all__ = ["skip_padding_steps"]
+__all__ = ["is_padding_step", "skip_padding_steps"]
 
 _Optimizer = tf.compat.v1.train.Optimizer
 
@@ -55,11 +64,21 @@ def skip_padding_steps(optimizer: _Optimizer, features: Any) -> _Optimizer:
         optimizer = skip_padding_steps(optimizer, features)
         train_op = optimizer.minimize(loss, global_step=tf.compat.v1.train.get_global_step())
 
-    On a step where any replica's batch is padding, the returned optimizer's
-    `minimize`/`apply_gradients` change no weight, no slot and no non-slot
-    variable (Adam's beta powers), and the global step does not advance: after
-    training the global step is the number of real steps. On every other step
-    they do exactly what `optimizer`'s do.
+    On a padding step, the returned optimizer's `minimize`/`apply_gradients`
+    change no weight, no slot and no non-slot variable (Adam's beta powers),
+    and the global step does not advance: after training the global step is
+    the number of real steps. On every other step they do exactly what
+    `optimizer`'s do. Which steps are padding is the graph's stop rule
+    (`append_stopping_signals(..., stop_rule=...)`, see `is_padding_step`):
+    under the default `ANY_REPLICA_PADDING` a step in which any replica's
+    batch is padding; under `ALL_REPLICAS_PADDING` only a step in which every
+    replica's batch is padding, so a partly real step is applied and counted.
+
+    Under `ALL_REPLICAS_PADDING` the padding examples of a partly real step
+    must not train: the loss given to `minimize`/`compute_gradients`, or the
+    gradients given to `apply_gradients`, must depend on the padding flag
+    (e.g. `masked_mean_loss(per_example_loss, features)`), else a ValueError
+    is raised while the graph is built.
 
     Masking the loss with the flag is not a substitute: a zero gradient still
     moves the weights under Adam, Momentum or RMSProp (their slots carry the
@@ -97,7 +116,11 @@ def skip_padding_steps(optimizer: _Optimizer, features: Any) -> _Optimizer:
       TypeError: `optimizer` is not a `tf.compat.v1.train.Optimizer`;
         `features` is neither a mapping nor a tensor; the flag is not a
         tensor or not of bool/integer dtype.
-      ValueError: `features` is a mapping without `USER_PROVIDED_SIGNAL_NAME`.
+      ValueError: `features` is a mapping without `USER_PROVIDED_SIGNAL_NAME`;
+        the graph's stop rule cannot be followed (see `is_padding_step`);
+        under `ALL_REPLICAS_PADDING`, later, from `minimize`,
+        `compute_gradients` or `apply_gradients`: a loss or gradients that do
+        not depend on the padding flag.
     """
     if not isinstance(optimizer, _Optimizer):
         raise TypeError(
@@ -105,11 +128,43 @@ def skip_padding_steps(optimizer: _Optimizer, features: Any) -> _Optimizer:
             "tf.compat.v1.train.Optimizer (e.g. tf.compat.v1.train.AdamOptimizer); Keras "
             "optimizers are not supported."
         )
-    return _SkipPaddingStepsOptimizer(optimizer, _padding_flag(features))
+    flag, where = _padding_flag_and_name(features)
+    return _SkipPaddingStepsOptimizer(
+        optimizer, flag, where, follow_stop_rule("skip_padding_steps")
+    )
 
 
-def _padding_flag(features: Any) -> tf.Tensor:
-    """The stop flag tensor from `features` (a features dict or the flag), validated."""
+def is_padding_step(features: Any) -> tf.Tensor:
+    """Scalar bool, the same on every replica: whether this step is padding under the stop rule.
+
+    A padding step is one `skip_padding_steps` applies nothing on:
+
+    * `StopRule.ANY_REPLICA_PADDING` (default): some replica's batch has a
+      padding example;
+    * `StopRule.ALL_REPLICAS_PADDING`: no replica's batch has a real example.
+
+    The rule is the one `append_stopping_signals(..., stop_rule=...)`
+    recorded in the graph. Use it in a `model_fn` to update state that the
+    optimizer does not (e.g. a counter of trained examples) only on the
+    steps that train. Inside a TPU replicate context it is computed from a
+    cross-replica sum (call it outside a `tf.cond` of the model_fn, on every
+    replica); outside one (CPU, one replica) from the local flag.
+
+    Args:
+      features: The step's features dict holding `USER_PROVIDED_SIGNAL_NAME`,
+        or that flag tensor (bool or integer, True/non-zero on padding).
+
+    Raises:
+      TypeError, ValueError: As for `skip_padding_steps`'s `features`; a
+        ValueError when the graph's pipelines recorded different stop rules
+        or a reader built earlier followed another one.
+    """
+    flag, _ = _padding_flag_and_name(features)
+    return _step_is_padding(flag, follow_stop_rule("is_padding_step"))
+
+
+def _padding_flag_and_name(features: Any) -> Tuple[tf.Tensor, str]:
+    """(the stop flag tensor, how to name it in errors) from `features`, validated."""
     if isinstance(features, Mapping):
         if _USER_PROVIDED_SIGNAL_NAME not in features:
             raise ValueError(
@@ -131,18 +186,58 @@ def _padding_flag(features: Any) -> tf.Tensor:
             f"{where} has dtype {flag.dtype.name}; the padding flag must be bool or integer "
             "(True/non-zero on padding)."
         )
-    return flag
+    return flag, where
 
 
-def _any_replica_padding(flag: tf.Tensor) -> tf.Tensor:
-    """Scalar bool: whether this step is padding on any replica (the stop rule).
+def _step_is_padding(flag: tf.Tensor, rule: StopRule) -> tf.Tensor:
+    """Scalar bool: whether this step is padding under `rule` (see `is_padding_step`).
 
-    Built where `apply_gradients` is called: inside a TPU replicate context the
-    local flag is summed over replicas, so every replica gets the same value;
-    outside one (CPU, the emulator) the local flag decides.
+    Inside a TPU replicate context a local count is summed over replicas, so
+    every replica gets the same value; outside one (CPU, one replica) the
+    local flag decides.
     """
-    local = tf.cast(tf.reduce_any(tf.cast(flag, tf.int32) > 0), tf.int32)
-    return sum_over_replicas(local, name="any_replica_padding") > 0
+    padding = tf.reshape(tf.cast(flag, tf.int32) > 0, [-1])
+    if rule is StopRule.ANY_REPLICA_PADDING:
+        local = tf.cast(tf.reduce_any(padding), tf.int32)
+        return sum_over_replicas(local, name="any_replica_padding") > 0
+    local_real = tf.reduce_sum(tf.cast(tf.logical_not(padding), tf.int32))
+    return tf.equal(sum_over_replicas(local_real, name="real_examples_of_the_step"), 0)
+
+
+def _depends_on(tensors: Sequence[Any], target: tf.Tensor) -> bool:
+    """Whether any of `tensors` is computed from `target` (its data inputs, transitively).
+
+    Walks tensor inputs (not control dependencies) back from `tensors`
+    through the ops that compute them, into the ops of control flow and
+    function calls whose inputs capture outer tensors. Graph building only.
+    """
+    target_ref = target.ref()
+    stack = []
+    for value in tensors:
+        if isinstance(value, tf.IndexedSlices):
+            stack.extend([value.values, value.indices])
+        elif tf.is_tensor(value) and hasattr(value, "op"):
+            stack.append(value)
+    seen = set()
+    while stack:
+        tensor = stack.pop()
+        ref = tensor.ref()
+        if ref == target_ref:
+            return True
+        if ref in seen:
+            continue
+        seen.add(ref)
+        stack.extend(tensor.op.inputs)
+    return False
+
+
+_UNMASKED = (
+    "Under StopRule.ALL_REPLICAS_PADDING a step in which some replicas' batches are padding is "
+    "applied, so padding examples would train as if they were real examples of zeros. Mask the "
+    "loss with the flag, e.g. loss = masked_mean_loss(per_example_loss, features) (from "
+    "monolith.core.stopping_signals) with CrossShardOptimizer(..., "
+    "reduction=tf.compat.v1.losses.Reduction.SUM)."
+)
 
 
 def _optimizer_chain(optimizer: _Optimizer) -> list:
@@ -156,14 +251,30 @@ def _optimizer_chain(optimizer: _Optimizer) -> list:
 class _SkipPaddingStepsOptimizer(_Optimizer):
     """The optimizer `skip_padding_steps` returns (see there)."""
 
-    def __init__(self, optimizer: _Optimizer, flag: tf.Tensor):
+    def __init__(self, optimizer: _Optimizer, flag: tf.Tensor, flag_name: str, rule: StopRule):
         super().__init__(use_locking=False, name=f"SkipPaddingSteps_{optimizer.get_name()}")
         self._opt = optimizer
         self._flag = flag
+        self._flag_name = flag_name
+        self._rule = rule
 
-    def compute_gradients(self, *args: Any, **kwargs: Any) -> list:
-        """The inner optimizer's `compute_gradients` (runs on every step, padding too)."""
-        return self._opt.compute_gradients(*args, **kwargs)
+    def compute_gradients(self, loss: Any, *args: Any, **kwargs: Any) -> list:
+        """The inner optimizer's `compute_gradients` (runs on every step, padding too).
+
+        Raises:
+          ValueError: Under ALL_REPLICAS_PADDING, `loss` does not depend on the padding flag.
+        """
+        unmasked = (
+            self._rule is StopRule.ALL_REPLICAS_PADDING
+            and tf.is_tensor(loss)
+            and not _depends_on([loss], self._flag)
+        )
+        if unmasked:
+            raise ValueError(
+                f"skip_padding_steps: the loss {loss.name!r} does not depend on the padding "
+                f"flag {self._flag_name} ({self._flag.name!r}). {_UNMASKED}"
+            )
+        return self._opt.compute_gradients(loss, *args, **kwargs)
 
     def apply_gradients(
         self,
@@ -181,6 +292,10 @@ class _SkipPaddingStepsOptimizer(_Optimizer):
         Returns:
           An op that applies the update on a real step and does nothing on a
           padding step.
+
+        Raises:
+          ValueError: No gradient; under ALL_REPLICAS_PADDING, none of the
+            gradients depends on the padding flag.
         """
         grads_and_vars = tuple(grads_and_vars)
         var_list = [v for g, v in grads_and_vars if g is not None]
@@ -188,13 +303,21 @@ class _SkipPaddingStepsOptimizer(_Optimizer):
             raise ValueError(
                 "No gradients provided for any variable: " f"{[str(v) for _, v in grads_and_vars]}."
             )
+        if self._rule is StopRule.ALL_REPLICAS_PADDING:
+            grads = [g for g, _ in grads_and_vars if g is not None]
+            if not _depends_on(grads, self._flag):
+                raise ValueError(
+                    "skip_padding_steps: none of the gradients given to apply_gradients (of "
+                    f"{[v.name for v in var_list]}) depends on the padding flag "
+                    f"{self._flag_name} ({self._flag.name!r}). {_UNMASKED}"
+                )
         # Slots and non-slot variables before (outside) the conditional, under
         # the names the inner optimizer's own apply_gradients would give them.
         with tf.init_scope():
             for optimizer in _optimizer_chain(self._opt):
                 optimizer._create_slots(var_list)  # pylint: disable=protected-access
         with tf.name_scope("skip_padding_steps"):
-            is_padding = _any_replica_padding(self._flag)
+            is_padding = _step_is_padding(self._flag, self._rule)
 
         def apply() -> tf.Tensor:
             update = self._opt.apply_gradients(grads_and_vars, global_step=global_step, name=name)
@@ -205,9 +328,11 @@ class _SkipPaddingStepsOptimizer(_Optimizer):
             return tf.constant(False)
 
         logging.info(
-            "skip_padding_steps: %s updates %d variables only on steps that are not padding.",
+            "skip_padding_steps: %s updates %d variables only on steps that are not padding "
+            "(stop rule %s).",
             self._opt.get_name(),
             len(var_list),
+            self._rule.name,
         )
         applied = tf.cond(is_padding, skip, apply, name="skip_padding_steps")
         return tf.group(applied, name="apply_unless_padding")

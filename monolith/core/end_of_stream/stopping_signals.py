@@ -27,14 +27,18 @@ from typing import Any, Mapping, Optional, Tuple
 import tensorflow as tf
 
 from monolith.core.common.validation import positive_int
-from monolith.core.end_of_stream.padding_steps import skip_padding_steps
+from monolith.core.end_of_stream.masked_loss import masked_mean_loss
+from monolith.core.end_of_stream.padding_steps import is_padding_step, skip_padding_steps
 from monolith.core.end_of_stream.trained_batches import skip_trained_batches
-from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME
+from monolith.core.feed.signal import _USER_PROVIDED_SIGNAL_NAME, StopRule, record_stop_rule
 
 __all__ = [
+    "StopRule",
     "USER_PROVIDED_SIGNAL_NAME",
     "_USER_PROVIDED_SIGNAL_NAME",
     "append_stopping_signals",
+    "is_padding_step",
+    "masked_mean_loss",
     "padding_batch",
     "skip_padding_steps",
     "skip_trained_batches",
@@ -47,7 +51,10 @@ _UNPADDABLE_DTYPES = (tf.variant, tf.resource)
 
 
 def append_stopping_signals(
-    dataset: tf.data.Dataset, batch_size: Optional[int] = None
+    dataset: tf.data.Dataset,
+    batch_size: Optional[int] = None,
+    *,
+    stop_rule: StopRule = StopRule.ANY_REPLICA_PADDING,
 ) -> tf.data.Dataset:
     """Flags every real batch False and appends an endless tail of padding batches flagged True.
 
@@ -89,6 +96,27 @@ def append_stopping_signals(
     not enough: Adam, Momentum and RMSProp move weights on a zero gradient.
     Padding is all zeros (`""` for strings, empty sparse/ragged tensors).
 
+    The stop rule is chosen here, once, and recorded in the graph; the feed
+    hook's stop signal and stop decision, `skip_padding_steps` and
+    `is_padding_step` all follow it (a step built so that they disagree
+    raises a ValueError while the graph is built):
+
+    * `StopRule.ANY_REPLICA_PADDING` (default, the original's): training
+      stops on the first step in which any replica's batch is padding, and
+      that step trains nothing. On a pod whose hosts' shards differ in
+      length, the rest of the longer shards is not trained (the feed hook
+      logs a WARNING naming them).
+    * `StopRule.ALL_REPLICAS_PADDING` ("nothing lost"): training stops only on
+      a step in which every replica's batch is padding. A step in which some
+      replicas have real batches is trained and counted, so only its real
+      examples may contribute: the loss must be masked, e.g. with
+      `masked_mean_loss(per_example_loss, features)` and
+      `CrossShardOptimizer(..., reduction=tf.compat.v1.losses.Reduction.SUM)`
+      (`skip_padding_steps` raises a ValueError for a loss that does not
+      depend on the padding flag).
+
+    With one replica both rules are the same.
+
     Args:
       dataset: A finite, batched `tf.data.Dataset` whose elements are a
         `features` dict or a `(features, labels)` tuple (labels a tensor or a
@@ -99,6 +127,7 @@ def append_stopping_signals(
         static batch dimension (e.g. after `from_generator` or a map that lost
         the shape). Real batches are then checked against it at run time (an
         `InvalidArgumentError` for a short batch) and get the static shape.
+      stop_rule: Keyword-only. Which padding ends training (see above).
 
     Returns:
       A dataset of the same structure whose features hold
@@ -113,8 +142,17 @@ def append_stopping_signals(
         component has no static batch dimension and no `batch_size` was
         given; batch dimensions disagree with each other or with
         `batch_size`; a dense component has an unknown non-batch dimension or
-        rank; `batch_size` is not positive (a non-int is a TypeError).
+        rank; `batch_size` is not positive (a non-int is a TypeError); another
+        pipeline of the graph was built with a different `stop_rule` (raised
+        where the rule is read: by the model_fn's `skip_padding_steps` or the
+        feed hook's stop signal).
+      TypeError: `stop_rule` is not a `StopRule`.
     """
+    if not isinstance(stop_rule, StopRule):
+        raise TypeError(
+            f"stop_rule={stop_rule!r} (type {type(stop_rule).__name__}) must be a StopRule "
+            f"({', '.join('StopRule.' + r.name for r in StopRule)})."
+        )
     if not isinstance(dataset, tf.data.Dataset):
         raise TypeError(
             f"dataset={dataset!r} (type {type(dataset).__name__}) must be a tf.data.Dataset."
@@ -133,6 +171,10 @@ def append_stopping_signals(
 
     padding = padding_batch(dataset.element_spec, batch)
     padding_dataset = tf.data.Dataset.from_tensors(padding).repeat()
+    if not tf.executing_eagerly():
+        # The readers of the rule (TPU step, skip_padding_steps, feed hook) are
+        # built in this graph; an eager pipeline trains under no feed hook.
+        record_stop_rule(stop_rule)
     return dataset.map(flag_real).concatenate(padding_dataset)
 
 

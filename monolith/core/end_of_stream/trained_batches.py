@@ -5,11 +5,13 @@ End-of-stream training reads a finite stream once. A restarted job (after a
 from its first batch unless the input pipeline knows how far the restored
 model got; everything before the checkpoint is then trained twice.
 
-The checkpoint already holds that position. With `skip_padding_steps`, a step
-where any replica's batch is padding changes nothing and does not advance the
-global step, so the restored global step is the number of real steps, and
-each input pipeline has consumed `global_step * batches_per_step` batches of
-its stream for them. `skip_trained_batches` skips exactly those batches.
+The checkpoint already holds that position. With `skip_padding_steps`, a
+padding step changes nothing and does not advance the global step, so the
+restored global step is the number of real steps, and each input pipeline
+has consumed `global_step * batches_per_step` batches of its stream for them
+(under `StopRule.ALL_REPLICAS_PADDING`, where a step with any real example is
+real, at most its whole shard). `skip_trained_batches` skips exactly those
+batches.
 
 The count is read from the graph's global step variable by an op of the
 dataset graph, so it is evaluated when the iterator's initializer runs, i.e.
@@ -91,14 +93,19 @@ def skip_trained_batches(
     for all replicas) and PER_SHARD_V1 (one input_fn per core) it is 1.
     Pass `context=params["context"]` to derive it, or give it explicitly.
 
-    The partial last step: training stops on the first step in which any
-    replica's batch is padding, and `skip_padding_steps` applies nothing on
-    that step. When the stream ends inside a step (some replicas got real
-    batches, others padding; or, with several hosts, one host's shard ends
-    first), the real batches of that step are not trained, like
+    The partial last step: under the default stop rule
+    (`StopRule.ANY_REPLICA_PADDING`) training stops on the first step in
+    which any replica's batch is padding, and `skip_padding_steps` applies
+    nothing on that step. When the stream ends inside a step (some replicas
+    got real batches, others padding; or, with several hosts, one host's
+    shard ends first), the real batches of that step are not trained, like
     `drop_remainder=True` at the global batch. A restart skips the
     `global_step * batches_per_step` trained batches, meets the same partial
-    step, and trains nothing more.
+    step, and trains nothing more. Under `StopRule.ALL_REPLICAS_PADDING`
+    every step with a real example is trained and counted, so a pipeline
+    has consumed `min(global_step * batches_per_step, its batches)`: the
+    same skip, which leaves a pipeline whose shard has ended with its
+    padding tail only.
 
     The resume guard: the skip is right only for the batch size (the
     dataset's static batch dimension), batches per step, topology (hosts,

@@ -19,7 +19,13 @@ from tensorflow.python.framework import ops
 from tensorflow.python.ops import summary_ops_v2
 
 from monolith.core.common.tpu_context import sum_over_replicas
-from monolith.core.feed.signal import _STOPPING_KEY, _USER_PROVIDED_SIGNAL_NAME
+from monolith.core.feed.signal import (
+    _REAL_EXAMPLES_KEY,
+    _STOPPING_KEY,
+    _USER_PROVIDED_SIGNAL_NAME,
+    StopRule,
+    follow_stop_rule,
+)
 
 _TPU_ESTIMATOR = "tpu_estimator"
 _ITERATIONS_PER_LOOP_VAR = "iterations_per_loop"
@@ -79,19 +85,43 @@ def summary_writer_ops() -> Tuple[List[tf.Operation], List[tf.Operation]]:
 
 
 def stopping_signals(features: Any) -> Optional[dict]:
-    """The per-step stop flag to outfeed: `{"stopping": bool tensor}`, or None without a signal.
+    """The per-step stop flag to outfeed, under the graph's stop rule; None without a signal.
 
     `features` enables the signal when it is a dict holding
-    `_USER_PROVIDED_SIGNAL_NAME` (bool or int, True/1 on padding batches).
-    Inside a TPU replicate context the flag is summed over replicas (True
-    where any replica is padding); outside one (CPU, one replica) it is the
-    local flag. A scalar flag is reshaped to `[1]`, as the outfeed needs a
-    leading dimension.
+    `_USER_PROVIDED_SIGNAL_NAME` (bool or int, True/non-zero on padding
+    examples). The rule is the one `append_stopping_signals` recorded in the
+    graph (`feed.signal.follow_stop_rule`):
+
+    * `StopRule.ANY_REPLICA_PADDING` (the original's): `"stopping"` is the
+      flag summed over replicas, > 0: True where any replica's example is
+      padding, so a step in which any replica pads stops training.
+    * `StopRule.ALL_REPLICAS_PADDING`: `"stopping"` is True (on every
+      element) only when no replica has a real example in the step.
+
+    Inside a TPU replicate context the sums are cross-replica (every replica
+    outfeeds the same `"stopping"`); outside one (CPU, one replica) they are
+    the local values. `"real_examples"` (int32 `[1]`) is this replica's own
+    count of real examples: TPUEstimator concatenates it over replicas, in
+    replica order, so the feed hook can name the replicas that still had data
+    when training stopped. A scalar flag is reshaped to `[1]`, as the outfeed
+    needs a leading dimension.
+
+    Raises:
+      ValueError: The graph's pipelines recorded different stop rules, or a
+        reader built earlier followed another rule (see `follow_stop_rule`).
     """
     if not isinstance(features, Mapping) or _USER_PROVIDED_SIGNAL_NAME not in features:
         return None
     logging.info("Get stopping signals and name.")
-    flag = tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.int32)
-    if flag.shape.ndims == 0:
-        flag = tf.reshape(flag, [1])
-    return {_STOPPING_KEY: sum_over_replicas(flag) > 0}
+    rule = follow_stop_rule("the TPU step's stop signal (get_stopping_signals_and_name)")
+    padding = tf.cast(features[_USER_PROVIDED_SIGNAL_NAME], tf.int32) > 0
+    if padding.shape.ndims == 0:
+        padding = tf.reshape(padding, [1])
+    flag = tf.cast(padding, tf.int32)
+    real_examples = tf.reshape(tf.reduce_sum(1 - flag), [1])
+    if rule is StopRule.ANY_REPLICA_PADDING:
+        stopping = sum_over_replicas(flag) > 0
+    else:
+        no_real_example = tf.equal(sum_over_replicas(real_examples), 0)
+        stopping = tf.logical_or(tf.zeros_like(padding), no_real_example)
+    return {_STOPPING_KEY: stopping, _REAL_EXAMPLES_KEY: real_examples}

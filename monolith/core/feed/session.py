@@ -56,7 +56,8 @@ from monolith.core.feed.controllers import (
     format_thread_stack,
 )
 from monolith.core.feed.preemption import SigtermWatcher, StopReason, StopRecord
-from monolith.core.feed.signal import _stopping_value
+from monolith.core.feed.signal import StopRule, _real_examples_value, _stopping_value
+from monolith.core.feed.stop_step import StopStep
 
 __all__ = ["FeedSession", "check_join_timeout", "current_feed_session", "feed_session_of_thread"]
 
@@ -126,6 +127,8 @@ class FeedSession:
       loops_sent: Loop sizes handed to the threads so far.
       infeed, outfeed: The controllers `start()` created (None before).
       stop_reason: Why this session stopped training (None until it did).
+      stop_step: The outfed step in which the outfeed thread first saw the
+        stop flag (which replicas still had real data), None until then.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class FeedSession:
         self.infeed: Optional[FeedController] = None
         self.outfeed: Optional[FeedController] = None
         self.stop_reason: Optional[StopReason] = None
+        self.stop_step: Optional[StopStep] = None
         self._rendezvous = rendezvous
         self._join_timeout_secs = check_join_timeout(join_timeout_secs)
         self._waits_for_outfeed = waits_for_outfeed
@@ -284,13 +288,25 @@ class FeedSession:
         logging.info("Infeed thread finished, shutting down.")
 
     def run_outfeed(
-        self, queue_ctx: FeedController, session: Any, dequeue_ops: Any, *, every_n_steps: int
+        self,
+        queue_ctx: FeedController,
+        session: Any,
+        dequeue_ops: Any,
+        *,
+        every_n_steps: int,
+        stop_rule: StopRule = StopRule.ANY_REPLICA_PADDING,
+        replicas_per_host: Optional[int] = None,
     ) -> None:
         """Outfeed thread: runs `dequeue_ops` every `every_n_steps` steps, watches for the stop.
 
-        `stop_event` is set after the whole loop was dequeued and before the
-        thread asks for the next loop size, which is what `wait_for_outfeed`
-        waits for. Once the signal was seen, later results are not inspected.
+        The stop flag of each result was computed in the TPU step under the
+        graph's stop rule (`feed.graph.stopping_signals`), so the stream has
+        ended when any of its elements is True. The first such result is kept
+        as `stop_step` (with `stop_rule` and `replicas_per_host`, for the
+        warning `_stop_training` logs). `stop_event` is set after the whole
+        loop was dequeued and before the thread asks for the next loop size,
+        which is what `wait_for_outfeed` waits for. Once the signal was seen,
+        later results are not inspected.
         """
         logging.info("Starting outfeed thread controller.")
         status_logger = PeriodicLogger(seconds=60)
@@ -307,6 +323,7 @@ class FeedSession:
                 ret = run(dequeue_ops)
                 if not seen_stop and _stopping_value(ret):
                     seen_stop = True
+                    self.stop_step = _stop_step(ret, stop_rule, replicas_per_host)
                     logging.info("Encountered stop signal at iteration (%d, %d).", count, i)
             status_logger.log("Outfeed finished loop %d (%d steps)", count, steps)
             if seen_stop and not self.stop_event.is_set():
@@ -380,6 +397,9 @@ class FeedSession:
         """Records why and raises OutOfRangeError: MonitoredSession's normal end."""
         self.stop_reason = self._stop_record.reason = reason
         if reason is StopReason.END_OF_STREAM:
+            untrained = self.stop_step.untrained_warning() if self.stop_step else None
+            if untrained is not None:
+                logging.warning("%s", untrained)
             logging.info(
                 "Throw OutOfRangeError error due to encountering stopping signal in before_run."
             )
@@ -457,3 +477,13 @@ class FeedSession:
     def _restore_sigterm(self) -> None:
         if self._sigterm is not None:
             self._sigterm.restore()
+
+
+def _stop_step(ret: Any, stop_rule: StopRule, replicas_per_host: Optional[int]) -> StopStep:
+    """The `StopStep` of the outfeed result `ret` that holds the stop flag."""
+    real = _real_examples_value(ret)
+    return StopStep(
+        rule=stop_rule,
+        real_examples=None if real is None else tuple(int(n) for n in real),
+        replicas_per_host=replicas_per_host,
+    )

@@ -6,6 +6,15 @@ The input side (`monolith.core.end_of_stream`) appends a bool feature named
 thread reads it back with `_stopping_value`. Both sides import the name from
 here, so neither depends on the other. So does `StopRule`, the rule that
 decides which padding ends training.
+
+The rule is chosen once, in `append_stopping_signals(..., stop_rule=...)`,
+which records it in the graph (`record_stop_rule`). Each reader of the rule
+(the TPU step's stop signal, `skip_padding_steps`, `is_padding_step`, the
+feed hook's stop decision) takes it with `follow_stop_rule`, which also
+records what that reader followed: a reader built before a pipeline recorded
+another rule, or pipelines recorded with different rules, raise a
+ValueError while the graph is built, so no step can be built whose pieces
+follow different rules.
 """
 
 from __future__ import annotations
@@ -18,17 +27,27 @@ import tensorflow as tf
 
 __all__ = [
     "StopRule",
+    "_REAL_EXAMPLES_KEY",
     "_STOPPING_KEY",
     "_USER_PROVIDED_SIGNAL_NAME",
+    "_real_examples_value",
     "_stopping_value",
+    "follow_stop_rule",
     "record_stop_rule",
     "stop_rule_of_graph",
+    "stop_rule_readers",
 ]
 
 _USER_PROVIDED_SIGNAL_NAME = "_user_provided_signal_name"
 _STOPPING_KEY = "stopping"
+# Beside "stopping" in the outfed signal dict: each replica's count of real
+# examples in its batch (int32 `[1]` per replica; `[num_replicas]` on the host,
+# in replica order), so the hook can name the replicas that still had data.
+_REAL_EXAMPLES_KEY = "real_examples"
 # Graph collection holding the `StopRule.value` of every append_stopping_signals call.
 _STOP_RULE_COLLECTION = "monolith_stop_rule"
+# Graph collection of "<reader>\t<StopRule.value>": which reader followed which rule.
+_STOP_RULE_READERS_COLLECTION = "monolith_stop_rule_readers"
 
 
 class StopRule(enum.Enum):
@@ -100,6 +119,53 @@ def stop_rule_of_graph(graph: Optional[tf.Graph] = None) -> StopRule:
     return StopRule(values.pop()) if values else StopRule.ANY_REPLICA_PADDING
 
 
+def stop_rule_readers(graph: Optional[tf.Graph] = None) -> dict:
+    """`{reader: StopRule}`: what each reader of the graph followed (`follow_stop_rule`)."""
+    readers = {}
+    for entry in _outermost_graph(graph).get_collection(_STOP_RULE_READERS_COLLECTION):
+        reader, value = entry.rsplit("\t", 1)
+        readers[reader] = StopRule(value)
+    return readers
+
+
+def follow_stop_rule(reader: str, graph: Optional[tf.Graph] = None) -> StopRule:
+    """The graph's stop rule, for `reader` to follow; records that `reader` follows it.
+
+    Called while the graph is built by every piece that acts on the rule, so
+    all of them follow the one rule `append_stopping_signals` recorded.
+    Executing eagerly (no graph is being built) it only returns the rule.
+
+    Args:
+      reader: What follows the rule, as the error message should name it
+        (e.g. "skip_padding_steps").
+      graph: The graph (default: the default graph; its outermost graph is used).
+
+    Returns:
+      `stop_rule_of_graph(graph)`.
+
+    Raises:
+      ValueError: The graph's pipelines recorded different rules, or a reader
+        built earlier followed a rule other than the one the graph records
+        now (a pipeline recorded its rule after that reader was built): the
+        step would stop, skip and count steps under different rules.
+    """
+    rule = stop_rule_of_graph(graph)
+    if tf.executing_eagerly() and graph is None:
+        return rule
+    outer = _outermost_graph(graph)
+    disagree = {name: other for name, other in stop_rule_readers(outer).items() if other != rule}
+    if disagree:
+        followed = ", ".join(f"{name} followed {other.name}" for name, other in disagree.items())
+        raise ValueError(
+            f"{reader} would follow stop rule {rule.name}, the rule the graph's input pipelines "
+            f"record, but {followed}: an append_stopping_signals call recorded its stop_rule "
+            "after those were built. Build every input pipeline (append_stopping_signals) before "
+            "the model_fn, as TPUEstimator does, with one stop_rule."
+        )
+    outer.add_to_collection(_STOP_RULE_READERS_COLLECTION, f"{reader}\t{rule.value}")
+    return rule
+
+
 def _is_mapping(value: Any) -> bool:
     """isinstance(value, Mapping), with the plain dict that `session.run` returns first.
 
@@ -138,3 +204,18 @@ def _stopping_value(ret: Any) -> Optional[bool]:
             f"got {found!r}."
         )
     return np.count_nonzero(value) > 0
+
+
+def _real_examples_value(ret: Any) -> Optional[np.ndarray]:
+    """Each replica's real examples in one outfeed result (int array, replica order), or None.
+
+    Read once, on the step that stopped training (not per step). None when
+    the result carries no `_REAL_EXAMPLES_KEY` (e.g. a hook subclass's own
+    `get_stopping_signals_and_name`).
+    """
+    if not _is_mapping(ret):
+        return None
+    signal = ret.get(_USER_PROVIDED_SIGNAL_NAME)
+    if not _is_mapping(signal) or _REAL_EXAMPLES_KEY not in signal:
+        return None
+    return np.asarray(signal[_REAL_EXAMPLES_KEY]).reshape([-1])

@@ -54,6 +54,7 @@ import sys
 import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from monolith.core.feed import signal as _signal
 from monolith.core.simulated_tpu import device_boundary as _device_boundary
 from monolith.core.simulated_tpu import system as simulated_tpu
 
@@ -100,6 +101,7 @@ class DryRunReport:
       where: What reached the boundary.
       feed_hook: The feed hook record (None if TPUEstimator constructed none).
       model_host_call: Whether the model's TPUEstimatorSpec has a host call.
+      stop_rule: The `StopRule` the program's input pipelines chose (None without a graph).
       op_counts: Op type -> count, in the graph and its function library.
       graph_ops, library_ops, library_functions: Op and function counts.
     """
@@ -117,6 +119,8 @@ class DryRunReport:
         graph = boundary.graph
         records = [r for r in boundary.feed_hooks if r.graph is graph] or boundary.feed_hooks
         self.feed_hook: Optional[_device_boundary.FeedHookRecord] = records[-1] if records else None
+        # The rule the program's append_stopping_signals chose (the feed hook follows it).
+        self.stop_rule = None if graph is None else _signal.stop_rule_of_graph(graph)
         self.op_counts: Dict[str, int] = collections.Counter()
         self.graph_ops = self.library_ops = self.library_functions = 0
         if graph is not None:
@@ -183,6 +187,7 @@ def report_lines(report: DryRunReport) -> List[str]:
     lines += [
         f"  host call:       {'yes' if report.model_host_call else 'no'}",
         f"  TPU embedding:   {embedding_text}",
+        f"  stop rule:       {'unknown' if report.stop_rule is None else report.stop_rule.name}",
         f"  ops:             {report.graph_ops} in the graph, {report.library_ops} in "
         f"{report.library_functions} library function(s)",
         f"{BOUNDARY_LINE} ({report.where}); nothing ran on a device.",

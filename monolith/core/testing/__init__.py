@@ -73,7 +73,8 @@ object: `options`, `topology` (the pod and TPUEstimator's input rules),
 `outfeed` (the three graph pieces), `replicas` (one step over every replica)
 and `collectives` (`cross_replica_sum`), `graph` (wires them and the feed
 hook), `runner` (the TPUEstimator.train-like MonitoredSession run),
-`results`, `fake_context`; `training` holds the public entry points.
+`drain` (what the end of the stream left untrained), `results`,
+`fake_context`; `training` holds the public entry points.
 Import the public names from `monolith.core.testing`.
 
 Public API: `FakeTPUContext`, `EmulatedTPUTraining`, `build_emulated_training`,

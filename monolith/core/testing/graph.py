@@ -71,6 +71,8 @@ def build(
         batch_size=batch_size,
         real_batches=loop.real_batches,
         padding_batches=loop.padding_batches,
+        trained_batches=loop.trained_batches,
+        next_is_real=infeed.next_is_real,
         num_hosts=topology.num_hosts,
         replicas_per_host=topology.replicas_per_host,
     )

@@ -82,6 +82,10 @@ class Infeed:
       iterator_initializer: Initialises every input pipeline's iterator.
       topology: The emulated pod.
       iterators: Each input pipeline's iterator, in host order (one under BROADCAST).
+      next_is_real: Per input pipeline, a scalar bool that takes the
+        pipeline's next element and says whether it is real (not padding; see
+        `DequeuedBatch.is_padding`). Run only to drain a stream after
+        training stopped (`TrainResult.untrained_real_batches`).
     """
 
     element_spec: Any
@@ -91,17 +95,22 @@ class Infeed:
     iterator_initializer: tf.Operation
     topology: Topology
     iterators: tuple = ()
+    next_is_real: tuple = ()
 
-    def dequeue(self, replica: int = 0) -> DequeuedBatch:
-        """One element of `replica`'s queue, split into features and labels."""
-        values = tf.nest.flatten(self.queues[replica].dequeue())
+    def dequeue(self, replica: int = 0, after: Sequence[Any] = ()) -> DequeuedBatch:
+        """One element of `replica`'s queue, split into features and labels.
+
+        Args:
+          replica: Whose queue.
+          after: Tensors or ops the dequeue waits for (and so everything the
+            step computes from the batch).
+        """
+        with tf.control_dependencies(after):
+            values = tf.nest.flatten(self.queues[replica].dequeue())
         for value, spec in zip(values, self.specs):
             value.set_shape(spec.shape)
         element = tf.nest.pack_sequence_as(self.element_spec, values)
-        dequeue_op = values[0].op
-        if isinstance(element, tuple) and len(element) == 2:
-            return DequeuedBatch(element[0], element[1], dequeue_op)
-        return DequeuedBatch(element, None, dequeue_op)
+        return _split(element, values[0].op)
 
     def static_batch_size(self) -> Union[int, None]:
         """The global batch size: each replica's leading dimension (if static) over the pod."""
@@ -249,6 +258,10 @@ def build_infeed(
         else:
             enqueue_ops.append(_in_loop(_enqueue, iterations_per_loop_var))
     initializers = [iterator.initializer for iterator in iterators.values()]
+    next_is_real = tuple(
+        tf.logical_not(_split(iterator.get_next()).is_padding(), name=f"host_{host}_next_is_real")
+        for host, iterator in iterators.items()
+    )
     return Infeed(
         element_spec=_replica_element_spec(element_spec, specs),
         specs=specs,
@@ -257,7 +270,15 @@ def build_infeed(
         iterator_initializer=initializers[0] if len(initializers) == 1 else tf.group(*initializers),
         topology=topology,
         iterators=tuple(iterators.values()),
+        next_is_real=next_is_real,
     )
+
+
+def _split(element: Any, dequeue_op: Any = None) -> DequeuedBatch:
+    """`element` as features and labels (a 2-tuple is `(features, labels)`)."""
+    if isinstance(element, tuple) and len(element) == 2:
+        return DequeuedBatch(element[0], element[1], dequeue_op)
+    return DequeuedBatch(element, None, dequeue_op)
 
 
 def _replica_element_spec(element_spec: Any, specs: tuple) -> Any:

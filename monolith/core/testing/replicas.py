@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Sequence
 
 import tensorflow as tf
 from tensorflow.python.ops import variable_scope as _variable_scope
@@ -269,9 +269,16 @@ def _build_replica(
 
 
 def build_replicated_step(
-    model_fn: Callable[..., Any], infeed: Infeed, options: BuildOptions
+    model_fn: Callable[..., Any],
+    infeed: Infeed,
+    options: BuildOptions,
+    after: Sequence[Any] = (),
 ) -> ReplicatedStep:
-    """Builds every replica's part of one step (call inside the loop body; see the module)."""
+    """Builds every replica's part of one step (call inside the loop body; see the module).
+
+    `after`: tensors every replica's dequeue waits for, so the step's
+    computation from its batch (its update included) runs after them.
+    """
     num_replicas = options.topology.num_replicas
     anchor = StepAnchor()
     loop_scope = tf.compat.v1.get_default_graph().get_name_scope()
@@ -286,7 +293,7 @@ def build_replicated_step(
                     stack.enter_context(tf.name_scope(f"replica_{replica}"))
                 stack.enter_context(collectives.replica(replica))
                 stack.enter_context(tpu_context.emulated_replica(context))
-                batch = infeed.dequeue(replica)
+                batch = infeed.dequeue(replica, after)
                 stack.enter_context(
                     _variable_creator_everywhere(_lift_variable_creation(loop_scope))
                 )

@@ -34,6 +34,11 @@ class EmulatedTPUTraining:
       real_batches: Per host (`[num_hosts]` int64), the real batches its input
         pipeline fed into the loop's steps; fetch with `train_op`.
       padding_batches: Per host, the padding batches likewise.
+      trained_batches: Per host, the real batches fed into the loop's steps
+        that advanced the global step (that trained them).
+      next_is_real: Per input pipeline (host order), a scalar bool that takes
+        its next element and says whether it is real (for draining a stream
+        after the stop).
       num_hosts: Hosts of the emulated pod.
       replicas_per_host: Replicas per host.
     """
@@ -53,6 +58,8 @@ class EmulatedTPUTraining:
     batch_size: Optional[int] = None
     real_batches: Optional[tf.Tensor] = None
     padding_batches: Optional[tf.Tensor] = None
+    trained_batches: Optional[tf.Tensor] = None
+    next_is_real: tuple = ()
     num_hosts: int = 1
     replicas_per_host: int = 1
 
@@ -79,6 +86,19 @@ class TrainResult:
         one per host per step; under BROADCAST host 0 feeds one per step.
       padding_batches: One int per host: the padding batches (signal feature
         set) it fed into those steps.
+      trained_real_batches: One int per host: the real batches it fed into
+        steps that trained them, i.e. that advanced the global step (with
+        `skip_padding_steps`, the steps its stop rule applies).
+      untrained_real_batches: One int per host, when training stopped at the
+        end of the stream: the real batches of the host's stream that this
+        run did not train. Those it fed into steps that did not advance the
+        global step (under `StopRule.ANY_REPLICA_PADDING`, the steps in which
+        another replica's batch was padding), plus the rest of its stream,
+        counted after the stop by draining the host's input pipeline up to
+        its first padding batch. `trained_real_batches + untrained_real_batches`
+        is then what was left of each host's stream at the start of the run.
+        None when the run stopped otherwise (steps, SIGTERM): the rest of the
+        stream is for the next run.
     """
 
     global_step: int
@@ -90,6 +110,8 @@ class TrainResult:
     initial_global_step: int = 0
     real_batches: Tuple[int, ...] = (0,)
     padding_batches: Tuple[int, ...] = (0,)
+    trained_real_batches: Tuple[int, ...] = (0,)
+    untrained_real_batches: Optional[Tuple[int, ...]] = None
 
     @property
     def uncounted_steps(self) -> int:

@@ -3,7 +3,8 @@
 Hooks: the emulator's own loop counter, then TPUEstimator's hooks in
 TPUEstimator's order (MonitoredTrainingSession puts the chief's hooks first):
 the `CheckpointSaverHook`, the caller's `hooks`, the stop-at-step hook,
-`NanTensorHook(loss)`, the feed hook, `InstallSignalHandlerHook`,
+`NanTensorHook(loss)`, the feed hook, the emulator's drain of what the
+end of the stream left untrained (`drain`), `InstallSignalHandlerHook`,
 `LoggingTensorHook({"loss", "step"})` and `ExamplesPerSecondHook` (every
 `log_step_count_steps` loops), the model_fn's `training_hooks`.
 """
@@ -21,6 +22,7 @@ from tensorflow_estimator.python.estimator.tpu import util as _tpu_util
 
 from monolith.core.common.validation import positive_int
 from monolith.core.testing import graph
+from monolith.core.testing.drain import DrainAfterStop
 from monolith.core.testing.options import RunOptions
 from monolith.core.testing.results import EmulatedTPUTraining, TrainResult
 
@@ -60,11 +62,13 @@ class _RunCounter(tf.compat.v1.train.SessionRunHook):
             built.global_step_after_loop,
             built.real_batches,
             built.padding_batches,
+            built.trained_batches,
         ]
         self.initial_global_step: Optional[int] = None
         self.steps_run = self.loops_run = 0
         self.real_batches = [0] * built.num_hosts
         self.padding_batches = [0] * built.num_hosts
+        self.trained_batches = [0] * built.num_hosts
         self.last: Optional[tuple] = None  # (global_step, loop_steps, loss) of the last loop
 
     def after_create_session(self, session: Any, coord: Any) -> None:
@@ -75,12 +79,13 @@ class _RunCounter(tf.compat.v1.train.SessionRunHook):
         return tf.compat.v1.train.SessionRunArgs(self._fetches)
 
     def after_run(self, run_context: Any, run_values: Any) -> None:
-        loop_steps, loss, global_step, real, padding = run_values.results
+        loop_steps, loss, global_step, real, padding, trained = run_values.results
         self.steps_run += int(loop_steps)
         self.loops_run += 1
-        for host, (host_real, host_padding) in enumerate(zip(real, padding)):
-            self.real_batches[host] += int(host_real)
-            self.padding_batches[host] += int(host_padding)
+        for host in range(len(self.real_batches)):
+            self.real_batches[host] += int(real[host])
+            self.padding_batches[host] += int(padding[host])
+            self.trained_batches[host] += int(trained[host])
         self.last = (int(global_step), int(loop_steps), float(loss))
         logging.debug(
             "Loop %d ran %d steps, global step %d, loss %s.",
@@ -158,6 +163,7 @@ def run(
         loop_size = _tpu_util.parse_iterations_per_loop(options.iterations_per_loop)
         steps_per_run = loop_size.value if loop_size.unit == "count" else None
         counter = _RunCounter(built)
+        drain = DrainAfterStop(built)
         all_hooks = [
             counter,
             _saver_hook(options, scaffold, steps_per_run),
@@ -165,6 +171,7 @@ def run(
             stop_at_step_hook(options.iterations_per_loop, options.steps, options.max_steps),
             tf.compat.v1.train.NanTensorHook(built.loss),
             built.hook,
+            drain,
             *_signal_hooks(),
             *_logging_hooks(built, options, steps_per_run),
             *built.training_hooks,
@@ -205,7 +212,22 @@ def run(
             initial_global_step=counter.initial_global_step or 0,
             real_batches=tuple(counter.real_batches),
             padding_batches=tuple(counter.padding_batches),
+            trained_real_batches=tuple(counter.trained_batches),
+            untrained_real_batches=_untrained(counter, drain, options),
         )
+
+
+def _untrained(counter: _RunCounter, drain: DrainAfterStop, options: RunOptions) -> Optional[tuple]:
+    """Per host: real batches fed into steps that did not train them, plus those drained."""
+    if drain.left is None:
+        return None
+    left = [0] * len(counter.real_batches)
+    for host, count in zip(options.build.topology.input_hosts, drain.left):
+        left[host] = count
+    return tuple(
+        real - trained + rest
+        for real, trained, rest in zip(counter.real_batches, counter.trained_batches, left)
+    )
 
 
 def restore_sigint_after(fn: Callable[[], Any]) -> Any:

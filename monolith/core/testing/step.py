@@ -9,7 +9,9 @@ behaviour the body is a while_v2 FuncGraph).
 
 The loop also counts, per host, the real and padding batches its input
 pipeline fed into the steps it ran (a batch is padding when its signal
-feature is set; see `batch_counts`), for `TrainResult`.
+feature is set; see `batch_counts`), and the real batches fed into steps
+that trained, i.e. advanced the global step (with `skip_padding_steps`: the
+steps the stop rule applies), for `TrainResult`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class TrainLoop:
       global_step_after_loop: The global step read after the loop.
       real_batches: Per host, the real batches its input fed into this loop's steps (int64).
       padding_batches: Per host, the padding batches likewise (int64).
+      trained_batches: Per host, the real batches fed into this loop's steps
+        that advanced the global step (int64).
       spec: Replica 0's spec (of the first step built).
       outfeed: The outfeed the steps enqueue into.
     """
@@ -48,6 +52,7 @@ class TrainLoop:
     global_step_after_loop: tf.Tensor
     real_batches: tf.Tensor
     padding_batches: tf.Tensor
+    trained_batches: tf.Tensor
     spec: Any
     outfeed: Outfeed
 
@@ -85,27 +90,60 @@ def build_train_loop(
     topology = options.topology
     outfeed = Outfeed(options.outfeed_every_n_steps, topology.input_mode)
 
-    def _step(i: tf.Tensor, unused_loss: tf.Tensor, real: tf.Tensor, padding: tf.Tensor) -> list:
-        step = build_replicated_step(model_fn, infeed, options)
+    def _step(
+        i: tf.Tensor,
+        unused_loss: tf.Tensor,
+        real: tf.Tensor,
+        padding: tf.Tensor,
+        trained: tf.Tensor,
+        previous_step: tf.Tensor,
+    ) -> list:
+        # The batch (and the update computed from it) waits for the global step
+        # the step starts from: read before the loop, it would race the first update.
+        step = build_replicated_step(model_fn, infeed, options, after=[previous_step])
         specs.append(step.specs[0])
         step_real, step_padding = batch_counts(step, topology)
         # Every replica's dequeue runs on every step, even one nothing else reads.
         with tf.control_dependencies([step.train_op, *step.dequeue_ops]):
             enqueued = outfeed.enqueue(i, step.records)
+            global_step_now = tf.cast(tf.identity(global_step), tf.int64)
+            # A step trains its real batches when it advances the global step.
+            step_trained = tf.where(
+                global_step_now > previous_step, step_real, tf.zeros_like(step_real)
+            )
             with tf.control_dependencies(enqueued):
-                return [i + 1, tf.identity(step.loss), real + step_real, padding + step_padding]
+                return [
+                    i + 1,
+                    tf.identity(step.loss),
+                    real + step_real,
+                    padding + step_padding,
+                    trained + step_trained,
+                    global_step_now,
+                ]
 
     loop_size = tf.identity(iterations_per_loop_var)
     zeros = tf.zeros([topology.num_hosts], tf.int64)
-    loop_steps, loss, real_batches, padding_batches = tf.compat.v1.while_loop(
+    loop_steps, loss, real_batches, padding_batches, trained_batches, _ = tf.compat.v1.while_loop(
         lambda i, *_: i < loop_size,
         _step,
-        [tf.constant(0), tf.constant(_tpu_estimator._INITIAL_LOSS, tf.float32), zeros, zeros],
+        [
+            tf.constant(0),
+            tf.constant(_tpu_estimator._INITIAL_LOSS, tf.float32),
+            zeros,
+            zeros,
+            zeros,
+            tf.cast(tf.identity(global_step), tf.int64),
+        ],
         parallel_iterations=1,
         name="emulated_tpu_loop",
     )
     train_op = tf.group(
-        loop_steps, loss, real_batches, padding_batches, name="emulated_tpu_train_op"
+        loop_steps,
+        loss,
+        real_batches,
+        padding_batches,
+        trained_batches,
+        name="emulated_tpu_train_op",
     )
     with tf.control_dependencies([loop_steps, loss]):
         global_step_after_loop = tf.identity(global_step)
@@ -116,6 +154,7 @@ def build_train_loop(
         global_step_after_loop=global_step_after_loop,
         real_batches=real_batches,
         padding_batches=padding_batches,
+        trained_batches=trained_batches,
         spec=specs[0],
         outfeed=outfeed,
     )
