@@ -179,12 +179,16 @@ def input_fn(params: Mapping[str, Any], config: Optional[Any] = None) -> tf.data
     restored model_dir, `skip_trained_batches` resumes after the batches the
     checkpoint's global step has trained on this host (the stream is
     deterministic, so they are the same batches; each step took
-    `current_input_fn_deployment()[3]` of them under PER_HOST_V2). Padding
-    batches carry the stop signal, which ends training after the real ones.
+    `current_input_fn_deployment()[3]` of them under PER_HOST_V2); the seed
+    is its stream id, so the resume guard refuses a restart on another
+    stream. Padding batches carry the stop signal, which ends training after
+    the real ones.
     """
     dataset = synthetic_click_log(params["num_examples"], params.get("seed", 0))
     dataset = _host_batches(dataset, params, config)
-    dataset = skip_trained_batches(dataset, context=params.get("context"))
+    # The seed names the stream: the resume guard refuses a restart with another seed.
+    stream_id = f"seed={params.get('seed', 0)}"
+    dataset = skip_trained_batches(dataset, context=params.get("context"), stream_id=stream_id)
     return append_stopping_signals(dataset).prefetch(2)
 
 
