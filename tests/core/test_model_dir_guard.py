@@ -168,6 +168,20 @@ def test_a_restart_with_another_batch_is_refused_before_any_hook_begins(tmp_path
     _train(tmp_path, num_batches=6, batch=2)  # the original input resumes
 
 
+def test_a_checkpoint_from_before_the_guard_resumes_and_is_recorded_then(tmp_path):
+    _train(tmp_path, num_batches=6, batch=2, steps=4)
+    record = os.path.join(str(tmp_path), "monolith_resume_record.json")
+    os.remove(record)  # as a model_dir written before the guard existed
+
+    result = _train(tmp_path, num_batches=6, batch=2)
+
+    assert (result.initial_global_step, result.stopped_at_end_of_stream) == (4, True)
+    with open(record) as f:
+        assert json.load(f)["pipelines"][0]["batch_size"] == 2
+    with pytest.raises(ResumeMismatchError):  # checked from then on
+        _train(tmp_path, num_batches=6, batch=4)
+
+
 # ------------------------------------------------------------------ TPUEstimator
 
 

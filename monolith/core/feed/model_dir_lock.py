@@ -191,12 +191,15 @@ class LockHolder:
 class ModelDirLockedError(RuntimeError):
     """Another training process (or another thread of this one) holds the model_dir.
 
+    Also raised by the feed hook when another process took this run's lock
+    over while it trained (`monolith.core.feed.model_dir_guard`).
+
     Attributes:
       model_dir: The model_dir.
-      holder: The `LockHolder` found in its lock file.
+      holder: The `LockHolder` found in its lock file (None: unreadable or gone).
     """
 
-    def __init__(self, message: str, model_dir: str, holder: LockHolder):
+    def __init__(self, message: str, model_dir: str, holder: Optional[LockHolder]):
         super().__init__(message)
         self.model_dir = model_dir
         self.holder = holder
@@ -389,7 +392,8 @@ class ModelDirLock:
     the heartbeat every `heartbeat_secs` and checks that the file still holds
     this lock's token; if another process took the lock over (this one looked
     stale, e.g. the host was suspended), it logs an ERROR, stops beating, and
-    `held` becomes False.
+    `held` becomes False (`lost_to` names the new holder); the feed hook then
+    stops training.
     """
 
     def __init__(self, model_dir: str, path: str, holder: LockHolder, heartbeat_secs: float):
