@@ -44,4 +44,4 @@ if __name__ == "__main__":
         train_ctr.build_report = _sigterm_before(train_ctr.build_report)
     if "slow" in moments:
         train_ctr._Progress = _SlowProgress
-    sys.exit(train_ctr.run(sys.argv[2:]))
+    sys.exit(train_ctr.run(sys.argv[2:], exiting=True))
