@@ -7,7 +7,9 @@ MOMENTS is a comma-separated list (or "-" for none) of:
           the feed hook installs its SIGTERM watcher;
   report  send itself SIGTERM when the report starts being built, after training;
   slow    sleep 50 ms after every loop, so that a long run leaves CPU to other
-          processes on a loaded machine (a second process can start meanwhile).
+          processes on a loaded machine (a second process can start meanwhile);
+  exit    once `run()` returned, a shell loop sends SIGTERM every millisecond
+          until the process is gone: through the interpreter's shutdown too.
 A signal sent from inside at a named moment is deterministic where a timed
 signal from outside would not be.
 """
@@ -15,6 +17,7 @@ signal from outside would not be.
 import functools
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -44,4 +47,10 @@ if __name__ == "__main__":
         train_ctr.build_report = _sigterm_before(train_ctr.build_report)
     if "slow" in moments:
         train_ctr._Progress = _SlowProgress
-    sys.exit(train_ctr.run(sys.argv[2:], exiting=True))
+    code = train_ctr.run(sys.argv[2:], exiting=True)
+    if "exit" in moments:
+        loop = f"while kill -TERM {os.getpid()} 2>/dev/null; do sleep 0.001; done"
+        # Not holding the output pipes: the caller waits for them to close.
+        quiet = subprocess.DEVNULL
+        subprocess.Popen(["sh", "-c", loop], stdin=quiet, stdout=quiet, stderr=quiet)
+    sys.exit(code)

@@ -425,11 +425,16 @@ def test_a_sigterm_while_tensorflow_loads_exits_42_at_once(tmp_path, subprocess_
     assert not os.path.exists(model_dir)
 
 
-def test_sigterms_while_the_graph_is_built_and_during_the_report_exit_42(tmp_path, subprocess_pass):
-    """Before the feed hook's watcher exists, and after it is gone: recorded, not fatal."""
+def test_sigterms_while_building_the_graph_during_the_report_and_the_exit_give_42(
+    tmp_path, subprocess_pass
+):
+    """Before the feed hook's watcher exists, after it is gone, and while Python shuts down."""
     model_dir = str(tmp_path)
-    proc = _start([*SMALL, "--model_dir", model_dir], moments="graph,report")
-    out, err = proc.communicate(timeout=120)
+    proc = _start([*SMALL, "--model_dir", model_dir], moments="graph,report,exit")
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     assert proc.returncode == preemption.RESTART_EXIT_CODE, err[-3000:]
     # The run started after the SIGTERM: it stopped at its first loop boundary.
     assert "Training stopped by SIGTERM at step 0; checkpoint written" in out
