@@ -238,7 +238,7 @@ class SigtermWatcher:
             "(%s=0 turns this off).",
             STOP_ON_SIGTERM_ENV,
         )
-        program = _watcher_of(previous)
+        program = _program_watcher_of(previous)
         if program is not None and program.received and not self._received.is_set():
             # The program's watcher caught a SIGTERM before this run started.
             self._received.set()
@@ -319,17 +319,19 @@ class SigtermWatcher:
         """Marks the signal received and passes it on down the chain of handlers."""
         self._received.set()
         previous = self._previous
-        earlier = _watcher_of(previous)
-        if earlier is not None:
-            earlier._record(signum, frame)  # A program's watcher: recorded without a second log.
+        program = _program_watcher_of(previous)
+        if program is not None:
+            program._record(signum, frame)  # Recorded without a second log line.
         elif callable(previous):
             previous(signum, frame)
 
 
-def _watcher_of(handler: _Handler) -> Optional[SigtermWatcher]:
-    """The `SigtermWatcher` whose handler `handler` is, else None."""
+def _program_watcher_of(handler: _Handler) -> Optional[SigtermWatcher]:
+    """The program's `SigtermWatcher` (no `is_active`) whose handler `handler` is, else None."""
     watcher = getattr(handler, "__self__", None)
-    return watcher if isinstance(watcher, SigtermWatcher) else None
+    if isinstance(watcher, SigtermWatcher) and watcher._program_wide:
+        return watcher
+    return None
 
 
 def install_sigterm_stop(is_active: Callable[[], bool]) -> Optional[SigtermWatcher]:
