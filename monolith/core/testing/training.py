@@ -203,7 +203,11 @@ def build_emulated_training(
         number of replicas, except under BROADCAST. None: no `batch_size` is
         added (a `batch_size` in `params` is passed through unchanged).
       config: What `input_fn`/`model_fn` receive as `config` (deep-copied);
-        None passes None (`train` passes the RunConfig of the run).
+        None passes None (`train` passes the RunConfig of the run). Its
+        `model_dir` becomes the feed hook's (`FakeTPUContext.config.model_dir`,
+        also for a given `ctx` without one): the hook refuses a restart whose
+        input differs from that model_dir's checkpoint and holds its lock
+        from `begin()` to `end()`.
       num_hosts: Hosts of the emulated pod (default 1).
       replicas_per_host: Replicas per host (default 1).
       per_host_input_for_training: How the input reaches the replicas, a
