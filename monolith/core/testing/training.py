@@ -35,6 +35,11 @@ __all__ = [
 ]
 
 
+def _lacks_model_dir(ctx: Any) -> bool:
+    """Whether `ctx` is a `FakeTPUContext` whose config names no model_dir."""
+    return isinstance(ctx, FakeTPUContext) and getattr(ctx.config, "model_dir", None) is None
+
+
 def _build_options(
     *,
     params: Optional[Mapping[str, Any]],
@@ -66,7 +71,7 @@ def _build_options(
             replicas_per_host=topology.replicas_per_host,
             model_dir=model_dir,
         )
-    elif isinstance(ctx, FakeTPUContext) and ctx.config.model_dir is None:
+    elif _lacks_model_dir(ctx) and model_dir is not None:
         ctx = ctx.with_model_dir(model_dir)  # The run's, as TPUEstimator's context holds it.
     return BuildOptions(
         params=types.MappingProxyType(params),
