@@ -41,7 +41,9 @@ def _assert_same_variables(actual: dict, expected: dict) -> None:
         np.testing.assert_allclose(actual[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 
-def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0) -> dict:
+def _train_exactly(
+    model_dir: str, num_examples: int, steps: int, seed: int = 0, batch_size: int = 64
+) -> dict:
     """Trains the first `steps` batches of the stream, stopped by a step limit (no padding)."""
     testing.train(
         ctr_model.model_fn,
@@ -50,7 +52,7 @@ def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0)
         iterations_per_loop=4,
         steps=steps,
         params={"model_dir": model_dir, "num_examples": num_examples, "seed": seed},
-        train_batch_size=64,
+        train_batch_size=batch_size,
     )
     return _variables(tf.train.latest_checkpoint(model_dir))
 
@@ -303,16 +305,19 @@ def _model_files(model_dir: str) -> dict:
 def test_restarts_on_another_input_are_refused_and_the_original_flags_finish_once(tmp_path, capsys):
     """The issue's three restarts of a half-trained model_dir: exit 2, nothing changed."""
     model_dir = str(tmp_path)
-    _train_exactly(model_dir, 2560, steps=12)  # what SIGTERM at step 12 leaves, seed 0
+    _train_exactly(model_dir, 2560, steps=5, batch_size=256)  # as a SIGTERM at step 5 leaves it
     before = _model_files(model_dir)
     flags = ["--num_examples", "2560", "--iterations_per_loop", "4", "--model_dir", model_dir]
     expected = {
-        "--batch_size 128": ("batch size: 64 -> 128", "768 of them never trained"),
-        "--batch_size 32": ("batch size: 64 -> 32", "384 trained examples would be trained twice"),
+        "--batch_size 512": ("batch size: 256 -> 512", "1280 of them never trained"),
+        "--batch_size 128": (
+            "batch size: 256 -> 128",
+            "640 trained examples would be trained twice",
+        ),
         "--seed 5": ("stream id: 'seed=0' -> 'seed=5'", "stream 'seed=5' without training"),
     }
     for changed, (difference, consequence) in expected.items():
-        argv = ["--batch_size", "64", *flags, *changed.split()]  # the last --batch_size wins
+        argv = ["--batch_size", "256", *flags, *changed.split()]  # the last --batch_size wins
         assert train_ctr.run(argv) == train_ctr.REFUSED_EXIT_CODE, changed
         captured = capsys.readouterr()
         assert "step" not in captured.out.replace("steps per loop", "")  # nothing trained
@@ -321,11 +326,11 @@ def test_restarts_on_another_input_are_refused_and_the_original_flags_finish_onc
         assert len(captured.err.splitlines()) == 4, captured.err
         assert _model_files(model_dir) == before, changed
 
-    assert train_ctr.run(["--batch_size", "64", *flags]) == 0
+    assert train_ctr.run(["--batch_size", "256", *flags]) == 0
     counters = _variables(tf.train.latest_checkpoint(model_dir))
-    assert counters["global_step"] == 40
-    assert counters[ctr_model.EXAMPLES_TRAINED] == 2560  # 12 steps before, 28 now: each once
-    assert "resumed at step:   12" in capsys.readouterr().out
+    assert counters["global_step"] == 10
+    assert counters[ctr_model.EXAMPLES_TRAINED] == 2560  # 5 steps before, 5 now: each once
+    assert "resumed at step:   5" in capsys.readouterr().out
 
 
 def _run_refused(argv, capsys) -> str:
