@@ -439,7 +439,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
-    """Trains as `argv` says, prints the report and returns it (see `exit_code`)."""
+    """Trains as `argv` says, prints the report and returns it (see `exit_code`).
+
+    Raises:
+      One of `REFUSALS` (`run()` prints it and exits 2): the checkpoint was
+      trained on another input (`ResumeMismatchError`), another process
+      trains in model_dir (`ModelDirLockedError`), model_dir is a file or not
+      writable (`ModelDirError`), its checkpoint is unreadable or another
+      model's (`CheckpointRestoreError`).
+    """
     args = parse_args(argv)
     if not args.verbose:
         # TensorFlow's deprecation notices would bury the progress lines.
