@@ -15,6 +15,12 @@ a `monolith.core.feed.session.FeedSession`, created per session in
 threads. Stopping (end of stream, or SIGTERM: `monolith.core.preemption`) is
 `tf.errors.OutOfRangeError` from `before_run`, MonitoredSession's normal end:
 every hook's `end()` runs and `CheckpointSaverHook` writes the final checkpoint.
+
+The run's model_dir (`ctx.config.model_dir`) is held by a
+`monolith.core.feed.model_dir_guard.ModelDirGuard`: the model_dir lock from
+`begin()` to `end()` (one training process per model_dir), and the resume
+check in the constructor, `begin()` and `after_create_session` (a restart
+must read the input its checkpoint was trained with).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from monolith.core.feed.controllers import (
     _OpSignalOnceQueueContext,
 )
 from monolith.core.feed.graph import _ITERATIONS_PER_LOOP_VAR, _TPU_ESTIMATOR
+from monolith.core.feed.model_dir_guard import ModelDirGuard
 from monolith.core.feed.session import (
     FeedSession,
     check_join_timeout,
@@ -63,7 +70,8 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
 
     Args:
       ctx: TPUEstimator's `_InternalTPUContext` (reads `master_job`,
-        `embedding_config`, `model_parallelism_enabled`,
+        `embedding_config`, `model_parallelism_enabled`, `config.model_dir`
+        (if it has one; None: no model_dir lock or resume check),
         `config.tpu_config.initial_infeed_sleep_secs`,
         `config.tpu_config.per_host_input_for_training` and, to name the
         hosts of the replicas in the end-of-stream warning,
@@ -85,6 +93,12 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
       outfeed_every_n_steps: Outfeed cadence within a loop (positive int).
       join_timeout_secs: Keyword-only. How long `end()` waits for each feed
         thread before logging its stack and shutting down without it.
+
+    Raises:
+      ResumeMismatchError: `ctx.config.model_dir` holds a checkpoint trained
+        on another input than the graph's input pipelines read (checked
+        here, where TPUEstimator constructs the hook once its input
+        pipelines are built; see `monolith.core.feed.model_dir_guard`).
     """
 
     _feed_session_class = FeedSession  # What each session's runtime is (a benchmark swaps it).
@@ -132,6 +146,9 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
             is tpu_config.InputPipelineConfig.BROADCAST
         )
         self._global_step: Optional[tf.Tensor] = None
+        self._model_dir_guard = ModelDirGuard(getattr(ctx.config, "model_dir", None))
+        # The input pipelines are built: refuse a mismatched restart before any hook begins.
+        self._model_dir_guard.check_input(tf.compat.v1.train.get_global_step())
         self._stop_record = preemption.StopRecord()  # The run's; begin() starts a new one.
         self._sigterm: Optional[preemption.SigtermWatcher] = None  # The run's, if installed.
         self._feed: Optional[FeedSession] = None  # The current session's runtime.
@@ -192,7 +209,12 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         return graph.create_or_get_iterations_per_loop()
 
     def begin(self) -> None:
-        """Creates the loop-size variable, TPU shutdown and summary flush ops; starts a run."""
+        """Creates the loop-size variable, TPU shutdown and summary flush ops; starts a run.
+
+        Last, before any session exists, it takes the model_dir lock and
+        checks the input against the checkpoint's (`ModelDirGuard.begin`):
+        `ModelDirLockedError` or `ResumeMismatchError` refuse the run here.
+        """
         logging.info("TPU job name %s", self._master_job)
         self._stop_record, self._sigterm = preemption.begin_run(), None
         self._global_step = tf.compat.v1.train.get_global_step()
@@ -203,6 +225,7 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         writer_inits, writer_flushes = graph.summary_writer_ops()
         self._init_ops = self._tpu_init_ops + writer_inits
         self._finalize_ops.extend(writer_flushes)
+        self._model_dir_guard.begin(self._global_step)
 
     # -- feed threads (the original's overridable bodies and factory) -----------
 
@@ -254,11 +277,14 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
     def after_create_session(self, session: Any, coord: Any) -> None:
         """Retires the previous session's runtime, initialises the TPU, starts the feed threads.
 
+        First it checks the input against the checkpoint again, with the
+        global step the session restored (`ModelDirGuard.after_create_session`).
         MonitoredSession calls it again (without `end()`) when it recreates the
         session after AbortedError/UnavailableError.
         """
         if self._feed is not None:
             self._feed.retire()  # The old threads are joined before new ones start.
+        self._model_dir_guard.after_create_session(session, self._global_step)
         watchdog_timeout = tpu_system.watchdog_timeout_from_env()  # Raises before any thread.
         if self._sigterm is None:
             self._sigterm = preemption.install_sigterm_stop(is_active=self._training)
@@ -300,7 +326,10 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
 
         The loop size is read first, so that the read (a `session.run`)
         overlaps the wait for the outfeed thread; only this thread changes it.
+        A run whose model_dir lock another process took over stops first,
+        with `ModelDirLockedError` (no final checkpoint).
         """
+        self._model_dir_guard.check_held()
         feed, session = self._feed, run_context.session
         try:
             iterations = session.run(self._iterations_per_loop_var)
@@ -314,13 +343,28 @@ class TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook(tf.compat.v1.train.Sess
         """Joins the feed threads (bounded: `FeedSession.close`), flushes, shuts the TPU down.
 
         With a hook-owned rendezvous a recorded feed error is raised last.
+        The model_dir lock is released at the very end, also when this
+        raises; `CheckpointSaverHook.end()` (the final checkpoint) runs
+        before this hook's `end()` (see `monolith.core.feed.model_dir_guard`).
         """
-        if self._feed is not None:
-            self._feed.close()
-        logging.info("Shutdown TPU system.")
-        session.run(self._finalize_ops)
-        if self._owns_rendezvous:
-            self._rendezvous.raise_errors()
+        try:
+            if self._feed is not None:
+                self._feed.close()
+            logging.info("Shutdown TPU system.")
+            session.run(self._finalize_ops)
+            if self._owns_rendezvous:
+                self._rendezvous.raise_errors()
+        finally:
+            self._model_dir_guard.release()
+
+    def _release_model_dir(self) -> None:
+        """Releases the model_dir lock of a run that will not reach `end()`.
+
+        For the dry run's `run_until_feed_hook_begins`, which stops right
+        after `begin()`; a failed run keeps its lock until the process exits
+        or its next run (see `monolith.core.feed.model_dir_guard`).
+        """
+        self._model_dir_guard.release()
 
     # -- TPU step side --------------------------------------------------------
 

@@ -211,6 +211,17 @@ def stop_rule(params: Mapping[str, Any]) -> StopRule:
     return STOP_RULES[name]
 
 
+def stream_id(params: Mapping[str, Any]) -> str:
+    """Names the stream `input_fn` reads, for the resume guard: the seed, and the shard sizes.
+
+    A restart on another seed or other host shards is another stream, so the
+    guard refuses it instead of skipping batches of a stream that was not trained.
+    """
+    shards = params.get("host_shard_sizes")
+    suffix = f" shards={','.join(str(n) for n in shards)}" if shards else ""
+    return f"seed={params.get('seed', 0)}{suffix}"
+
+
 def input_fn(params: Mapping[str, Any], config: Optional[Any] = None) -> tf.data.Dataset:
     """This host's batches of the click log, minus those trained, then padding.
 
@@ -221,9 +232,11 @@ def input_fn(params: Mapping[str, Any], config: Optional[Any] = None) -> tf.data
     step has trained on this host (the stream is deterministic, so they are
     the same batches; each step took `current_input_fn_deployment()[3]` of
     them under PER_HOST_V2; a host whose shard ended earlier has consumed
-    all of it). Padding batches carry the stop signal, which ends training
-    after the real ones under `params["stop_rule"]` (the only place the rule
-    is chosen: the feed hook and `skip_padding_steps` follow it).
+    all of it); the seed and the shard sizes are its stream id, so the resume
+    guard refuses a restart on another stream. Padding batches carry the stop
+    signal, which ends training after the real ones under
+    `params["stop_rule"]` (the only place the rule is chosen: the feed hook
+    and `skip_padding_steps` follow it).
     """
     rule = stop_rule(params)
     dataset = synthetic_click_log(params["num_examples"], params.get("seed", 0))
@@ -231,7 +244,9 @@ def input_fn(params: Mapping[str, Any], config: Optional[Any] = None) -> tf.data
         dataset = _host_shard(dataset, params)
     else:
         dataset = _host_batches(dataset, params, config)
-    dataset = skip_trained_batches(dataset, context=params.get("context"))
+    dataset = skip_trained_batches(
+        dataset, context=params.get("context"), stream_id=stream_id(params)
+    )
     return append_stopping_signals(dataset, stop_rule=rule).prefetch(2)
 
 

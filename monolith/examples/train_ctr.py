@@ -29,26 +29,56 @@ were trained and how many were left untrained.
 
 Restarts: run the same command on the same `--model_dir` and training resumes
 after the batches the checkpoint has trained (`skip_trained_batches`); on a
-finished model_dir it trains nothing more. On SIGTERM (a preemption, `docker
-stop`, a Kubernetes eviction) the feed hook stops at the next loop boundary
-and writes the checkpoint; the example then exits with code 42
-(`preemption.RESTART_EXIT_CODE`), so a job launcher restarts it instead of
-taking it for a finished run. Exit code 0 means the stream was trained to its
-end.
+finished model_dir it trains nothing more. The seed is the stream's id: a
+restart with another `--seed`, `--batch_size` or pod is refused before
+anything trains (the resume guard), and so is a second process on a
+model_dir another one trains in (the model_dir lock).
+
+SIGTERM (a preemption, `docker stop`, a Kubernetes eviction) does not kill
+the example, from its first lines on: while TensorFlow loads it exits 42 at
+once (nothing was done yet); from then on it is recorded, training stops at
+the next loop boundary (the first one, if the signal came while the graph
+was built or the checkpoint restored) and the checkpoint is written; further
+SIGTERMs, or one during the report, change nothing. It exits 42 unless the
+stream was trained to its end.
+
+Exit codes:
+  0   the stream was trained to its end;
+  42  SIGTERM before the stream was trained to its end
+      (`preemption.RESTART_EXIT_CODE`): run the same command to resume;
+  2   refused, nothing trained: bad flags, a restart whose input differs from
+      the checkpoint's, a model_dir another process trains in, a model_dir
+      that is a file or not writable, a checkpoint that is unreadable or
+      another model's (a few lines on stderr say what to do);
+  1   anything else (a traceback).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 # Before TensorFlow loads: keep its C++ start-up notices out of the example's output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import argparse  # noqa: E402
+_EARLY_EXIT_CODE = 42  # preemption.RESTART_EXIT_CODE, which needs TensorFlow.
+
+
+def _exit_on_early_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM while TensorFlow loads (seconds): nothing was done yet, so exit 42 at once."""
+    os.write(1, b"SIGTERM before training started: nothing trained; run the same command.\n")
+    os._exit(_EARLY_EXIT_CODE)
+
+
+if __name__ == "__main__":  # Until run() installs its watcher (Python's default exits 143).
+    signal.signal(signal.SIGTERM, _exit_on_early_sigterm)
+
+import argparse
 import dataclasses
 import glob
 import sys
 import tempfile
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -59,7 +89,19 @@ from monolith.core import preemption, testing
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from monolith.core.common.model_dir import ModelDirError, check_model_dir
+from monolith.core.common.restore_errors import (
+    CheckpointRestoreError,
+    explain_restore_error,
+    tf_error_summary,
+)
+from monolith.core.feed.model_dir_lock import ModelDirLockedError
+from monolith.core.stopping_signals import ResumeMismatchError
 from monolith.examples import ctr_model
+
+# What `run()` reports in a few lines and exits 2 for: nothing was trained.
+REFUSALS = (ResumeMismatchError, ModelDirLockedError, ModelDirError, CheckpointRestoreError)
+REFUSED_EXIT_CODE = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,18 +209,21 @@ _STOP_LINES = {
 }
 
 
-def exit_code(report: Report) -> int:
+def exit_code(report: Report, sigterm_received: bool = False) -> int:
     """The process exit code for `report`.
 
-    0 when the stream was trained to its end; `RESTART_EXIT_CODE` (42) after
-    a SIGTERM stop, so a job launcher restarts a preempted run instead of
-    taking it for a finished one (the convention of TF's
-    `PreemptionCheckpointHandler`); 1 when the feed hook did not stop
-    training (it ended some other way before the end of the stream).
+    0 when the stream was trained to its end (also if a SIGTERM came during
+    the report: a restart would train nothing); `RESTART_EXIT_CODE` (42)
+    after a SIGTERM stop, or when a SIGTERM was received at any other moment
+    (`sigterm_received`) and the stream was not trained to its end, so a job
+    launcher restarts a preempted run instead of taking it for a finished one
+    (the convention of TF's `PreemptionCheckpointHandler`); 1 when the feed
+    hook did not stop training (it ended some other way before the end of
+    the stream).
     """
     if report.stop_reason is preemption.StopReason.END_OF_STREAM:
         return 0
-    if report.stop_reason is preemption.StopReason.SIGTERM:
+    if report.stop_reason is preemption.StopReason.SIGTERM or sigterm_received:
         return preemption.RESTART_EXIT_CODE
     return 1
 
@@ -229,11 +274,17 @@ def last_auc(logdir: str) -> Optional[float]:
 
 @dataclasses.dataclass(frozen=True)
 class _Counters:
-    """The model's checkpointed progress counters."""
+    """The model's checkpointed progress counters.
+
+    `unreadable` holds the error when the checkpoint could not be read; the
+    restore then fails with a clearer error (naming the file, or every
+    variable the checkpoint lacks), so that is the one the run raises.
+    """
 
     checkpoint: Optional[str] = None
     global_step: int = 0
     examples: int = 0
+    unreadable: Optional[BaseException] = None
 
 
 def _read_counters(model_dir: str) -> _Counters:
@@ -241,12 +292,15 @@ def _read_counters(model_dir: str) -> _Counters:
     checkpoint = tf.train.latest_checkpoint(model_dir)
     if checkpoint is None:
         return _Counters()
-    reader = tf.train.load_checkpoint(checkpoint)
-    return _Counters(
-        checkpoint=checkpoint,
-        global_step=int(reader.get_tensor("global_step")),
-        examples=int(reader.get_tensor(ctr_model.EXAMPLES_TRAINED)),
-    )
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+        return _Counters(
+            checkpoint=checkpoint,
+            global_step=int(reader.get_tensor("global_step")),
+            examples=int(reader.get_tensor(ctr_model.EXAMPLES_TRAINED)),
+        )
+    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as error:
+        return _Counters(checkpoint=checkpoint, unreadable=error)
 
 
 def build_report(
@@ -265,7 +319,11 @@ def build_report(
       stop_rule: The run's stop rule ("any" or "all").
       host_batches: Per host, a `HostBatches`, if reported.
     """
+    if start.unreadable is not None:  # Training restored it anyway: its counters are unknown.
+        raise start.unreadable
     end = _read_counters(model_dir)
+    if end.unreadable is not None:
+        raise end.unreadable
     steps = end.global_step - start.global_step
     logdir = os.path.join(model_dir, "host_call")
     return Report(
@@ -355,7 +413,13 @@ def train_on_tpu(args: argparse.Namespace) -> None:
     # TPUEstimator.train needs steps or max_steps ("For TPU training, one of
     # steps or max_steps must be set"): it sizes each loop with them. So pass
     # a max_steps that is never reached; the stream's end stops training.
-    estimator.train(ctr_model.input_fn, max_steps=sys.maxsize)
+    try:
+        estimator.train(ctr_model.input_fn, max_steps=sys.maxsize)
+    except (tf.errors.OpError, ValueError) as error:
+        explained = explain_restore_error(error, args.model_dir)  # A broken checkpoint?
+        if explained is None:
+            raise
+        raise explained from error
 
 
 _DEFAULT_NUM_EXAMPLES = 262_144
@@ -472,7 +536,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Report:
-    """Trains as `argv` says, prints the report and returns it (see `exit_code`)."""
+    """Trains as `argv` says, prints the report and returns it (see `exit_code`).
+
+    Raises:
+      One of `REFUSALS` (`run()` prints it and exits 2): the checkpoint was
+      trained on another input (`ResumeMismatchError`), another process
+      trains in model_dir (`ModelDirLockedError`), model_dir is a file or not
+      writable (`ModelDirError`), its checkpoint is unreadable or another
+      model's (`CheckpointRestoreError`).
+    """
     args = parse_args(argv)
     if not args.verbose:
         # TensorFlow's deprecation notices would bury the progress lines.
@@ -494,6 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         f"model_dir {args.model_dir}",
         flush=True,
     )
+    check_model_dir(args.model_dir)
     start = _read_counters(args.model_dir)
     started = time.monotonic()
     steps_run = host_batches = None
@@ -516,5 +589,67 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
     return report
 
 
+def _hold_sigterm() -> Optional[preemption.SigtermWatcher]:
+    """Installs the program's SIGTERM watcher (None when MONOLITH_STOP_ON_SIGTERM=0).
+
+    From here to the exit a SIGTERM is recorded, not fatal: the feed hook's
+    watcher, installed on top of it while training, stops at the next loop
+    boundary (at the first one when the SIGTERM came before training
+    started: graph building, the restore), and `run()` exits 42 unless the
+    stream was trained to its end. With the SIGTERM stop turned off,
+    SIGTERM gets its default action back.
+    """
+    early = signal.getsignal(signal.SIGTERM) is _exit_on_early_sigterm
+    if not preemption.stop_on_sigterm_enabled():
+        if early:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return None
+    if early:  # Not chained to: the program's watcher takes over from here.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watcher = preemption.SigtermWatcher()
+    return watcher if watcher.install() else None
+
+
+def _print_refusal(error: BaseException) -> None:
+    """The error's message on stderr, and TensorFlow's cause in one line."""
+    print(f"error: {error}", file=sys.stderr)
+    cause = error.__cause__
+    if isinstance(cause, (tf.errors.OpError, ValueError)):
+        print(f"  (cause: {type(cause).__name__}: {tf_error_summary(cause)})", file=sys.stderr)
+
+
+def run(argv: Optional[Sequence[str]] = None, *, exiting: bool = False) -> int:
+    """The command line: `main(argv)` with SIGTERM held; returns the exit code.
+
+    A refusal (`REFUSALS`) prints a few lines on stderr and returns 2 (see
+    the module docstring).
+
+    Args:
+      argv: The flags.
+      exiting: Keyword-only. The process exits with the returned code next
+        (`__main__`): SIGTERM is then ignored from the moment the code is
+        decided. Python puts the default handler back while it shuts the
+        interpreter down (after the atexit handlers), so a second SIGTERM
+        during the exit would otherwise kill the process with 143 (measured:
+        one sent 0.1 s after the first). False: a caller in this process gets
+        its SIGTERM handler back.
+    """
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    watcher = _hold_sigterm()
+    try:
+        try:
+            report = main(argv)
+        except REFUSALS as error:
+            _print_refusal(error)
+            return REFUSED_EXIT_CODE
+        return exit_code(report, sigterm_received=watcher is not None and watcher.received)
+    finally:
+        if exiting and watcher is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif previous is not None and not exiting:
+            signal.signal(signal.SIGTERM, previous)
+
+
 if __name__ == "__main__":
-    sys.exit(exit_code(main(sys.argv[1:])))
+    sys.exit(run(sys.argv[1:], exiting=True))

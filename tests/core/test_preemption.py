@@ -374,6 +374,56 @@ def test_restore_keeps_a_handler_installed_after_the_watcher(recorder):
     assert signal.getsignal(signal.SIGTERM) is later
 
 
+# -- a program's own watcher, installed before training -----------------------------------
+
+
+@pytest.fixture
+def program_watcher(recorder):
+    """A `SigtermWatcher` the program installed for its whole life (on top of `recorder`)."""
+    watcher = preemption.SigtermWatcher()
+    assert watcher.install()
+    yield watcher
+    signal.signal(signal.SIGTERM, recorder)  # the recorder fixture puts back what it found
+
+
+def test_a_sigterm_before_training_stops_the_run_at_its_first_loop_boundary(
+    tmp_path, program_watcher, recorder
+):
+    os.kill(os.getpid(), signal.SIGTERM)  # e.g. while the program builds its graph
+    assert program_watcher.received and recorder.calls == 1
+
+    result = testing.train(
+        counting_model_fn, padded_stream_fn(1000), model_dir=str(tmp_path), iterations_per_loop=2
+    )
+
+    assert preemption.last_stop_reason() is preemption.StopReason.SIGTERM
+    assert (result.steps_run, result.global_step) == (0, 0)
+    _assert_checkpoint_holds_exactly(tmp_path, 0)
+
+
+def test_sigterms_during_a_run_reach_the_programs_watcher_logged_once(
+    tmp_path, program_watcher, recorder, caplog
+):
+    result = testing.train(
+        counting_model_fn,
+        padded_stream_fn(1000),
+        model_dir=str(tmp_path),
+        iterations_per_loop=2,
+        on_loop_end=_sigterm_after_step(4),
+    )
+    os.kill(os.getpid(), signal.SIGTERM)  # during the program's report
+    assert result.global_step == 4
+    assert program_watcher.received and recorder.calls == 2
+    assert caplog.text.count("Received SIGTERM") == 1  # the run's watcher's; not the program's
+    assert caplog.text.count("Received another SIGTERM during the SIGTERM stop") == 1
+
+
+def test_a_sigterm_outside_any_run_is_recorded_by_the_programs_watcher(program_watcher, caplog):
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert program_watcher.received
+    assert "Received SIGTERM outside a training run: recorded" in caplog.text
+
+
 @pytest.mark.parametrize("value, enabled", [("", True), ("1", True), ("0", False), ("off", False)])
 def test_env_switch_values(monkeypatch, value, enabled):
     monkeypatch.setenv(preemption.STOP_ON_SIGTERM_ENV, value)

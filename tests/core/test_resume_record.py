@@ -2,9 +2,10 @@
 
 Real graphs (a TPUEstimator graph on a simulated 2 x 4 system for the values a
 real TPU context gives), real checkpoints and record files in tmp_path. The
-feed hook is not involved: it calls `check_and_record` in phase B; the
-`_GuardHook` here calls it where the hook will (in `begin()`, before
-MonitoredSession's CheckpointSaverHook writes anything).
+checker alone: the `_GuardHook` here calls it in `begin()`, after
+MonitoredSession's CheckpointSaverHook began and before it writes anything.
+The feed hook's own calls (constructor, `begin()`, `after_create_session`)
+are tested in test_model_dir_guard.py and with the example.
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from monolith.core.auto_checkpoint_feed_hook import (
 )
 from monolith.core.simulated_tpu import device_boundary
 from monolith.examples import ctr_model, train_ctr
+from tests.core._feed_hook_helpers import counting_model_fn, padded_stream_fn
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,7 +41,9 @@ def _assert_same_variables(actual: dict, expected: dict) -> None:
         np.testing.assert_allclose(actual[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 
-def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0) -> dict:
+def _train_exactly(
+    model_dir: str, num_examples: int, steps: int, seed: int = 0, batch_size: int = 64
+) -> dict:
     """Trains the first `steps` batches of the stream, stopped by a step limit (no padding)."""
     testing.train(
         ctr_model.model_fn,
@@ -47,7 +52,7 @@ def _train_exactly(model_dir: str, num_examples: int, steps: int, seed: int = 0)
         iterations_per_loop=4,
         steps=steps,
         params={"model_dir": model_dir, "num_examples": num_examples, "seed": seed},
-        train_batch_size=64,
+        train_batch_size=batch_size,
     )
     return _variables(tf.train.latest_checkpoint(model_dir))
 
@@ -247,8 +252,12 @@ def _example_command(tf_behavior: str) -> list:
     return [sys.executable, "-u", "-m", "monolith.examples.train_ctr"]
 
 
-def test_sigterm_stops_with_a_checkpoint_exits_42_and_the_rerun_resumes(tmp_path, tf_behavior):
-    """A preempted run exits with the restart code; the rerun trains each batch once."""
+def test_two_sigterms_stop_with_a_checkpoint_exit_42_and_the_rerun_resumes(tmp_path, tf_behavior):
+    """A preempted run exits with the restart code; the rerun trains each batch once.
+
+    The launcher sends SIGTERM twice, 0.1 s apart: the second neither cuts the
+    final checkpoint short nor changes the exit code.
+    """
     model_dir = str(tmp_path / "preempted")
     # A stream far longer than the test: only SIGTERM ends this run.
     command = _example_command(tf_behavior)
@@ -265,6 +274,8 @@ def test_sigterm_stops_with_a_checkpoint_exits_42_and_the_rerun_resumes(tmp_path
             lines.append(line)
             if line.startswith("step"):
                 break
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -291,6 +302,241 @@ def test_sigterm_stops_with_a_checkpoint_exits_42_and_the_rerun_resumes(tmp_path
     # Exactly once, in order: the same model as one uninterrupted run.
     reference = _train_exactly(str(tmp_path / "reference"), num_examples, steps=trained + 12)
     _assert_same_variables(_variables(report.final_checkpoint), reference)
+
+
+def test_exit_code_is_42_after_any_sigterm_unless_the_stream_was_trained_to_its_end():
+    report = train_ctr.Report(
+        stop_reason=None,
+        start_step=0,
+        global_step=0,
+        steps=0,
+        padding_steps=None,
+        examples=0,
+        total_examples=0,
+        final_checkpoint=None,
+        tensorboard_logdir="",
+        last_auc=None,
+    )
+    assert train_ctr.exit_code(report) == 1
+    assert train_ctr.exit_code(report, sigterm_received=True) == 42
+    finished = dataclasses.replace(report, stop_reason=preemption.StopReason.END_OF_STREAM)
+    assert train_ctr.exit_code(finished, sigterm_received=True) == 0  # a SIGTERM in the report
+
+
+# --------------------------------------------------------- restarts that cannot skip or repeat
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROGRAM = os.path.join(REPO, "tests", "examples", "example_program.py")
+
+
+@pytest.fixture
+def subprocess_pass(tf_behavior):
+    """Tests whose subject does not depend on the TF behaviour run once, in the TF2 pass."""
+    if tf_behavior != "v2":
+        pytest.skip("independent of the TF behaviour: covered by the TF2 pass")
+
+
+def _model_files(model_dir: str) -> dict:
+    """{name: bytes} of every file in model_dir."""
+    found = {}
+    for root, _, names in os.walk(model_dir):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), model_dir)] = f.read()
+    return found
+
+
+def test_restarts_on_another_input_are_refused_and_the_original_flags_finish_once(tmp_path, capsys):
+    """The issue's three restarts of a half-trained model_dir: exit 2, nothing changed."""
+    model_dir = str(tmp_path)
+    _train_exactly(model_dir, 2560, steps=5, batch_size=256)  # as a SIGTERM at step 5 leaves it
+    before = _model_files(model_dir)
+    flags = ["--num_examples", "2560", "--iterations_per_loop", "4", "--model_dir", model_dir]
+    expected = {
+        "--batch_size 512": ("batch size: 256 -> 512", "1280 of them never trained"),
+        "--batch_size 128": (
+            "batch size: 256 -> 128",
+            "640 trained examples would be trained twice",
+        ),
+        "--seed 5": ("stream id: 'seed=0' -> 'seed=5'", "stream 'seed=5' without training"),
+    }
+    for changed, (difference, consequence) in expected.items():
+        argv = ["--batch_size", "256", *flags, *changed.split()]  # the last --batch_size wins
+        assert train_ctr.run(argv) == train_ctr.REFUSED_EXIT_CODE, changed
+        captured = capsys.readouterr()
+        assert "step" not in captured.out.replace("steps per loop", "")  # nothing trained
+        assert captured.err.startswith(f"error: Cannot resume the checkpoint in {model_dir}")
+        assert f"  {difference}\n" in captured.err and consequence in captured.err
+        assert len(captured.err.splitlines()) == 4, captured.err
+        assert _model_files(model_dir) == before, changed
+
+    assert train_ctr.run(["--batch_size", "256", *flags]) == 0
+    counters = _variables(tf.train.latest_checkpoint(model_dir))
+    assert counters["global_step"] == 10
+    assert counters[ctr_model.EXAMPLES_TRAINED] == 2560  # 5 steps before, 5 now: each once
+    assert "resumed at step:   5" in capsys.readouterr().out
+
+
+def _run_refused(argv, capsys) -> str:
+    assert train_ctr.run(argv) == train_ctr.REFUSED_EXIT_CODE
+    return capsys.readouterr().err
+
+
+def test_a_broken_model_dir_exits_2_saying_what_to_do(tmp_path, capsys, subprocess_pass):
+    small = [*SMALL, "--model_dir"]
+    model_dir = str(tmp_path / "truncated")
+    _train_exactly(model_dir, 2560, steps=8)  # checkpoints 0 and 8
+    os.truncate(os.path.join(model_dir, "model.ckpt-8.data-00000-of-00001"), 1000)
+    err = _run_refused([*small, model_dir], capsys)
+    assert len(err.splitlines()) == 3, err
+    assert f"its file {model_dir}/model.ckpt-8.data-00000-of-00001 is truncated" in err
+    assert "(cause: OutOfRangeError: Read less bytes than requested)" in err
+    # Doing what it says resumes from the previous checkpoint, each example once.
+    for name in os.listdir(model_dir):
+        if name.startswith("model.ckpt-8."):
+            os.remove(os.path.join(model_dir, name))
+    command = re.search(r'python -c "(.*?)"', err).group(1)
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
+    assert train_ctr.run([*small, model_dir]) == 0
+    assert _variables(tf.train.latest_checkpoint(model_dir))[ctr_model.EXAMPLES_TRAINED] == 2560
+
+    other = str(tmp_path / "other")
+    testing.train(  # another model: the emulator tests' counting model
+        counting_model_fn, padded_stream_fn(4), model_dir=other, iterations_per_loop=2
+    )
+    err = _run_refused([*small, other], capsys)
+    assert f"Cannot restore the checkpoint {other}/model.ckpt-" in err
+    missing = re.search(r"Missing from it \((\d+)\): (.*)", err)
+    assert int(missing.group(1)) > 10 and "examples_trained" in missing.group(2)
+    assert "(cause: NotFoundError: Key " in err
+    assert len(err.splitlines()) == 4, err
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    err = _run_refused([*small, str(a_file)], capsys)
+    assert (
+        err == f"error: model_dir='{a_file}' is a file, not a directory: give a directory "
+        "(it is created if missing).\n"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_model_dir_that_is_not_writable_exits_2_naming_it(tmp_path, capsys, subprocess_pass):
+    tmp_path.chmod(0o500)
+    try:
+        err = _run_refused([*SMALL, "--model_dir", str(tmp_path / "model")], capsys)
+    finally:
+        tmp_path.chmod(0o700)
+    assert err.startswith(f"error: model_dir='{tmp_path / 'model'}' cannot be created")
+    assert len(err.splitlines()) == 1, err
+
+
+def _start(argv, moments="-"):
+    """The example's command line in a new process (TF2 behaviour), through example_program."""
+    return subprocess.Popen(
+        [sys.executable, "-u", PROGRAM, moments, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        cwd=REPO,
+    )
+
+
+def _sigterm_caught(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler installed (Linux: /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_a_sigterm_while_tensorflow_loads_exits_42_at_once(tmp_path, subprocess_pass):
+    model_dir = str(tmp_path / "model")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monolith.examples.train_ctr", *SMALL, "--model_dir", model_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        cwd=REPO,
+    )
+    try:
+        while not _sigterm_caught(proc.pid):  # the module's first lines ran
+            assert proc.poll() is None
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == preemption.RESTART_EXIT_CODE, err[-3000:]
+    assert out == "SIGTERM before training started: nothing trained; run the same command.\n"
+    assert not os.path.exists(model_dir)
+
+
+def test_sigterms_while_building_the_graph_during_the_report_and_the_exit_give_42(
+    tmp_path, subprocess_pass
+):
+    """Before the feed hook's watcher exists, after it is gone, and while Python shuts down."""
+    model_dir = str(tmp_path)
+    proc = _start([*SMALL, "--model_dir", model_dir], moments="graph,report,exit")
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == preemption.RESTART_EXIT_CODE, err[-3000:]
+    # The run started after the SIGTERM: it stopped at its first loop boundary.
+    assert "Training stopped by SIGTERM at step 0; checkpoint written" in out
+    assert "view with:" in out  # the whole report, despite the second SIGTERM
+    assert _variables(tf.train.latest_checkpoint(model_dir))["global_step"] == 0
+
+
+def test_a_second_process_is_refused_and_a_killed_holder_does_not_block_the_restart(
+    tmp_path, subprocess_pass
+):
+    """Two processes on one model_dir started 1.5 s apart; then kill -9 and restart."""
+    model_dir = str(tmp_path)
+    flags = ["--batch_size", "64", "--iterations_per_loop", "4", "--model_dir", model_dir]
+    flags += ["--save_checkpoints_steps", "8"]
+    lock = os.path.join(model_dir, "monolith_training.lock")
+    started = time.monotonic()
+    first = _start(["--num_examples", "64000000", *flags], moments="slow")
+    second = None
+    try:
+        while not os.path.exists(lock):  # the first one's feed hook has begun
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        time.sleep(max(0.0, started + 1.5 - time.monotonic()))
+        second = _start(["--num_examples", "64000000", *flags])
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == train_ctr.REFUSED_EXIT_CODE, err[-3000:]
+        assert first.poll() is None  # still training
+        assert not re.search(r"^step ", out, re.M)  # the second trained nothing
+        assert err.startswith(
+            f"error: model_dir {model_dir} is in use by another training process: host "
+        )
+        assert f"pid {first.pid} (" in err and ", since " in err
+        assert len(err.splitlines()) == 2, err
+        with open(lock) as f:
+            assert json.load(f)["pid"] == first.pid  # the holder's lock is left alone
+
+        first.kill()  # kill -9: no release, no final checkpoint
+        first.wait()
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.communicate()
+    restored = _variables(tf.train.latest_checkpoint(model_dir))["global_step"]
+    assert restored > 0  # a periodic checkpoint
+    num_examples = 64 * (restored + 12)
+    report = train_ctr.main(["--num_examples", str(num_examples), *flags])
+    assert report.stop_reason is preemption.StopReason.END_OF_STREAM
+    assert (report.start_step, report.steps, report.total_examples) == (
+        restored,
+        12,
+        num_examples,
+    )
 
 
 def _stream(num_examples: int, seed: int, batch_size: int) -> dict:

@@ -244,15 +244,20 @@ def check_and_record(
     global_step: int,
     pipelines: Iterable[PipelineRecord],
     stop_rule: StopRule = StopRule.ANY_REPLICA_PADDING,
+    *,
+    record: bool = True,
 ) -> None:
     """Refuses a restart whose input differs from its checkpoint's; records a new one.
 
-    Called by the feed hook once the whole graph is built: in `begin()` with
-    `checkpoint_global_step(model_dir)` (before MonitoredSession writes
-    anything), and again in `after_create_session` with the restored global
-    step read from the session, before the feed threads start (so a session
-    recreated in-process is checked too). Holding the model_dir lock first
-    makes the read-compare-write safe against another process.
+    Called by the feed hook (`monolith.core.feed.model_dir_guard`) once the
+    input pipelines are built: in its constructor with `record=False` and
+    `checkpoint_global_step(model_dir)` (before any hook's `begin()`, so a
+    refused restart changes no file of model_dir), in `begin()` (holding the
+    model_dir lock, which makes the read-compare-write safe against another
+    process; before MonitoredSession writes anything), and again in
+    `after_create_session` with the restored global step read from the
+    session, before the feed threads start (so a session recreated
+    in-process is checked too).
 
     Args:
       model_dir: The model directory (local or gs://).
@@ -260,6 +265,7 @@ def check_and_record(
       pipelines: The graph's `registered_pipelines()`. Empty (no
         `skip_trained_batches` in the graph): nothing is checked or written.
       stop_rule: The `StopRule` the graph was built with.
+      record: Keyword-only. False: compare only, never write the record file.
 
     Raises:
       ResumeMismatchError: `global_step > 0` and a recorded value differs.
@@ -283,6 +289,8 @@ def check_and_record(
     current = _Record(stop_rule.name, pipelines)
     recorded = _read_record(path)
     if recorded is None:
+        if not record:
+            return
         if global_step > 0:
             logging.info(
                 "Resume guard: the checkpoint in %s (global step %d) has no resume record (a "
@@ -294,9 +302,12 @@ def check_and_record(
         return
     differences = _differences(recorded, current)
     if not differences:
-        logging.info("Resume guard: the input matches %s (global step %d).", path, global_step)
+        if record:
+            logging.info("Resume guard: the input matches %s (global step %d).", path, global_step)
         return
     if global_step == 0:
+        if not record:
+            return
         logging.info(
             "Resume guard: global step 0 in %s (nothing trained): recording the current input "
             "(%s).",

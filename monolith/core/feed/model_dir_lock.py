@@ -73,6 +73,7 @@ from typing import Any, Optional
 from absl import logging
 
 from monolith.core.common.env_switch import env_switch
+from monolith.core.common.model_dir import check_model_dir, is_remote
 
 __all__ = [
     "CLOCK_SKEW_SECS",
@@ -190,12 +191,15 @@ class LockHolder:
 class ModelDirLockedError(RuntimeError):
     """Another training process (or another thread of this one) holds the model_dir.
 
+    Also raised by the feed hook when another process took this run's lock
+    over while it trained (`monolith.core.feed.model_dir_guard`).
+
     Attributes:
       model_dir: The model_dir.
-      holder: The `LockHolder` found in its lock file.
+      holder: The `LockHolder` found in its lock file (None: unreadable or gone).
     """
 
-    def __init__(self, message: str, model_dir: str, holder: LockHolder):
+    def __init__(self, message: str, model_dir: str, holder: Optional[LockHolder]):
         super().__init__(message)
         self.model_dir = model_dir
         self.holder = holder
@@ -209,24 +213,7 @@ class _LocalStore:
 
     @staticmethod
     def prepare(model_dir: str) -> None:
-        if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-            raise NotADirectoryError(
-                f"model_dir={model_dir!r} is a file, not a directory: give a directory "
-                "(it is created if missing)."
-            )
-        try:
-            os.makedirs(model_dir, exist_ok=True)
-        except OSError as error:
-            # OSError(errno, ...) is the errno's subclass (PermissionError, ...).
-            raise OSError(
-                error.errno,
-                f"model_dir={model_dir!r} cannot be created ({error.strerror}): give a "
-                "writable directory.",
-            ) from error
-        if not os.access(model_dir, os.W_OK | os.X_OK):
-            raise PermissionError(
-                errno.EACCES, f"model_dir={model_dir!r} is not writable: give a writable directory."
-            )
+        check_model_dir(model_dir)
 
     @staticmethod
     def read(path: str) -> Optional[str]:
@@ -328,11 +315,7 @@ class _RemoteStore:
 
     @staticmethod
     def prepare(model_dir: str) -> None:
-        import tensorflow as tf
-
-        if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
-            raise NotADirectoryError(f"model_dir={model_dir!r} is a file, not a directory.")
-        tf.io.gfile.makedirs(model_dir)
+        check_model_dir(model_dir)
 
     @staticmethod
     def read(path: str) -> Optional[str]:
@@ -392,7 +375,7 @@ def _token_of(text: str) -> Optional[str]:
 
 
 def _store_for(model_dir: str) -> Any:
-    return _RemoteStore if "://" in model_dir else _LocalStore
+    return _RemoteStore if is_remote(model_dir) else _LocalStore
 
 
 # ------------------------------------------------------------------ the lock
@@ -409,7 +392,8 @@ class ModelDirLock:
     the heartbeat every `heartbeat_secs` and checks that the file still holds
     this lock's token; if another process took the lock over (this one looked
     stale, e.g. the host was suspended), it logs an ERROR, stops beating, and
-    `held` becomes False.
+    `held` becomes False (`lost_to` names the new holder); the feed hook then
+    stops training.
     """
 
     def __init__(self, model_dir: str, path: str, holder: LockHolder, heartbeat_secs: float):
@@ -422,6 +406,7 @@ class ModelDirLock:
         self._stop = threading.Event()
         self._held = True
         self._released = False
+        self._lost_to: Optional[LockHolder] = None
         self._thread = threading.Thread(
             target=self._beat, name="ModelDirLockHeartbeat", daemon=True
         )
@@ -485,9 +470,14 @@ class ModelDirLock:
                     "model_dir lock heartbeat failed (%d in a row): %r", failures, error
                 )
 
+    @property
+    def lost_to(self) -> Optional[LockHolder]:
+        """Who held the lock file when this lock found it lost (None: held, or unreadable)."""
+        return self._lost_to
+
     def _lost(self, current: str) -> None:
+        holder = self._lost_to = LockHolder.from_json(current)
         self._held = False
-        holder = LockHolder.from_json(current)
         logging.error(
             "Lost the model_dir lock %s: %s. Another process may train on this model_dir; "
             "this one should stop.",
@@ -521,9 +511,11 @@ def acquire(
     Raises:
       ModelDirLockedError: Another live process, or another live thread of
         this process, holds the lock.
-      NotADirectoryError: model_dir is a file.
-      OSError: model_dir cannot be created or is not writable (PermissionError
-        for a permission, the message names model_dir).
+      monolith.core.common.model_dir.ModelDirError: model_dir is a file
+        (`ModelDirIsAFileError`, a NotADirectoryError), is not writable
+        (`ModelDirNotWritableError`, a PermissionError) or cannot be created;
+        the message names it.
+      OSError: the lock file cannot be created in model_dir (named).
       TypeError, ValueError: bad arguments, or a bad `MONOLITH_MODEL_DIR_LOCK`.
     """
     if not isinstance(model_dir, (str, os.PathLike)):

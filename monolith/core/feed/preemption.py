@@ -23,6 +23,9 @@ Public API:
 * Environment `MONOLITH_STOP_ON_SIGTERM=0` turns the SIGTERM stop off (the
   hook then leaves SIGTERM alone). It is on by default because TPUEstimator,
   not the user, constructs the hook.
+* `SigtermWatcher`: installed by a program at its start, it covers the
+  moments no training run does (start-up, graph building and restore, the
+  program's report): see its docstring.
 
 SIGINT is not touched: TPUEstimator's `InstallSignalHandlerHook` resets it to
 SIG_DFL before every loop, so Ctrl-C ends the process at once.
@@ -171,12 +174,24 @@ class SigtermWatcher:
     (for a program that goes on after the stop); otherwise it stays ignored
     until the process exits.
 
+    A program can install one for its whole life, before training
+    (`SigtermWatcher().install()`, without `is_active`): a SIGTERM that
+    arrives before a training run's watcher is installed (the program's
+    start-up, graph building, the checkpoint restore) or after it (the
+    program's own report) is then recorded instead of killing the process.
+    A training run whose watcher is installed on top of it finds it
+    `received` and stops at its first loop boundary (with a final
+    checkpoint, `StopReason.SIGTERM`), and SIGTERMs during training reach it
+    too (without a second log line). The program reads `received` to choose
+    its exit code.
+
     Args:
       is_active: Returns whether the training run that installed the watcher
-        is still going; None means always.
+        is still going; None means always (a program's watcher).
     """
 
     def __init__(self, is_active: Optional[Callable[[], bool]] = None):
+        self._program_wide = is_active is None
         self._is_active = is_active or (lambda: True)
         self._received = threading.Event()
         self._previous: _Handler = None
@@ -223,6 +238,14 @@ class SigtermWatcher:
             "(%s=0 turns this off).",
             STOP_ON_SIGTERM_ENV,
         )
+        program = _program_watcher_of(previous)
+        if program is not None and program.received and not self._received.is_set():
+            # The program's watcher caught a SIGTERM before this run started.
+            self._received.set()
+            logging.warning(
+                "A SIGTERM arrived before this training run started: it stops at its first "
+                "loop boundary, and the final checkpoint is written."
+            )
         return True
 
     def restore(self) -> None:
@@ -280,15 +303,35 @@ class SigtermWatcher:
         if self._received.is_set():
             # The stop has begun: a second signal must not cut the final checkpoint short.
             logging.warning("Received another SIGTERM during the SIGTERM stop: ignored.")
+        elif self._program_wide:
+            logging.warning(
+                "Received SIGTERM outside a training run: recorded; a training run that "
+                "starts later stops at its first loop boundary."
+            )
         else:
             logging.warning(
                 "Received SIGTERM: training stops at the next loop boundary and the "
                 "final checkpoint is written."
             )
+        self._record(signum, frame)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        """Marks the signal received and passes it on down the chain of handlers."""
         self._received.set()
         previous = self._previous
-        if callable(previous):
+        program = _program_watcher_of(previous)
+        if program is not None:
+            program._record(signum, frame)  # Recorded without a second log line.
+        elif callable(previous):
             previous(signum, frame)
+
+
+def _program_watcher_of(handler: _Handler) -> Optional[SigtermWatcher]:
+    """The program's `SigtermWatcher` (no `is_active`) whose handler `handler` is, else None."""
+    watcher = getattr(handler, "__self__", None)
+    if isinstance(watcher, SigtermWatcher) and watcher._program_wide:
+        return watcher
+    return None
 
 
 def install_sigterm_stop(is_active: Callable[[], bool]) -> Optional[SigtermWatcher]:

@@ -143,6 +143,10 @@ def _recording_hook_class(base: type, boundary: Boundary, stop_after_begin: bool
             super().begin()
             self._dry_run_record.graph = tf.compat.v1.get_default_graph()
             if stop_after_begin:
+                # No end() follows: give up the model_dir lock begin() took (our hook's).
+                release = getattr(self, "_release_model_dir", None)
+                if release is not None:
+                    release()
                 raise _StopAfterFeedHookBegin(boundary)
 
     if not hasattr(base, "get_stopping_signals_and_name"):
@@ -263,7 +267,9 @@ def run_until_feed_hook_begins(train: Callable[[], Any]) -> Optional[FeedHookRec
 
     On the calling thread, as `stop_at_device_boundary`: TPUEstimator is handed
     a recording subclass of its feed hook class, and `train()` is stopped right
-    after that hook's real `begin()`, before any session exists.
+    after that hook's real `begin()`, before any session exists. The
+    model_dir lock that `begin()` took is released then (no `end()` follows);
+    its resume check has run (a mismatched restart raises).
 
     Args:
       train: Builds and runs the program (e.g. `lambda: estimator.train(...)`).

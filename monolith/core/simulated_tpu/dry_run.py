@@ -38,7 +38,11 @@ Outcomes (exit codes):
 
 Model directories are read as usual (Estimator looks for a checkpoint before
 building the graph), so give the program a local `--model_dir`-like path
-rather than a `gs://` one that needs credentials. The dry run covers
+rather than a `gs://` one that needs credentials. The feed hook does there
+what it does on a TPU up to the boundary: it refuses a restart whose input
+differs from the checkpoint's, and its `begin()` takes the model_dir lock
+(refused while another process trains in that model_dir; released when the
+dry run exits). The dry run covers
 TPUEstimator (graph and session) programs; TF2's eager TPU APIs
 (`TPUStrategy`, `initialize_tpu_system`) do not create sessions and are not
 simulated.

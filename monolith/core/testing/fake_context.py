@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any, Optional
 
@@ -23,6 +24,9 @@ class FakeTPUContext:
     emulator passes its topology; 1 host with 1 replica by default). How the
     input is deployed is the emulator's `per_host_input_for_training`, not
     this context's, whose input mode only steers the hook's TPU initialisation.
+    `config.model_dir` is where the hook takes its model_dir lock and checks
+    the resume record, as it reads TPUEstimator's `RunConfig.model_dir`
+    (`testing.train` sets it; None: neither).
 
     Args:
       initialize_tpu: False (default) reports model parallelism with BROADCAST
@@ -36,6 +40,8 @@ class FakeTPUContext:
         the loop size is the variable set by `iterations_per_loop_hook`.
       num_hosts: Hosts of the emulated pod.
       replicas_per_host: Replicas per host.
+      model_dir: `config.model_dir` (None: the hook takes no lock and checks
+        no resume record).
     """
 
     def __init__(
@@ -48,6 +54,7 @@ class FakeTPUContext:
         iterations_per_loop: int = 2,
         num_hosts: int = 1,
         replicas_per_host: int = 1,
+        model_dir: Optional[str] = None,
     ):
         self.num_hosts = positive_int("num_hosts", num_hosts)
         self.num_of_replicas_per_host = positive_int("replicas_per_host", replicas_per_host)
@@ -61,9 +68,16 @@ class FakeTPUContext:
             else tpu_config.InputPipelineConfig.BROADCAST
         )
         self.config = types.SimpleNamespace(
+            model_dir=model_dir,
             tpu_config=tpu_config.TPUConfig(
                 iterations_per_loop=iterations_per_loop,
                 per_host_input_for_training=input_mode,
                 initial_infeed_sleep_secs=initial_infeed_sleep_secs,
-            )
+            ),
         )
+
+    def with_model_dir(self, model_dir: Optional[str]) -> FakeTPUContext:
+        """A copy of this context whose `config.model_dir` is `model_dir` (this one unchanged)."""
+        context = copy.copy(self)
+        context.config = types.SimpleNamespace(**{**vars(self.config), "model_dir": model_dir})
+        return context

@@ -20,6 +20,7 @@ from absl import logging
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as _tpu_estimator
 from tensorflow_estimator.python.estimator.tpu import util as _tpu_util
 
+from monolith.core.common.restore_errors import explain_restore_error
 from monolith.core.common.validation import positive_int
 from monolith.core.testing import graph
 from monolith.core.testing.drain import DrainAfterStop
@@ -94,6 +95,32 @@ class _RunCounter(tf.compat.v1.train.SessionRunHook):
             global_step,
             loss,
         )
+
+
+class _RestoringSessionCreator(tf.compat.v1.train.ChiefSessionCreator):
+    """TPUEstimator's `ChiefSessionCreator`, whose restore errors name the broken checkpoint.
+
+    A checkpoint that cannot be restored (truncated, corrupt, another model's)
+    raises `restore_errors.UnreadableCheckpointError` or
+    `IncompatibleCheckpointError`, a few lines, from TensorFlow's error.
+    `create_session` only creates the session and restores (the hooks'
+    `after_create_session` runs afterwards), so nothing else is translated.
+    """
+
+    def __init__(self, model_dir: str, **kwargs: Any):
+        super().__init__(checkpoint_dir=model_dir, **kwargs)
+        self._model_dir = model_dir
+
+    def create_session(self) -> Any:
+        try:
+            return super().create_session()
+        except (tf.errors.OpError, ValueError) as error:
+            explained = explain_restore_error(
+                error, self._model_dir, tf.compat.v1.get_default_graph()
+            )
+            if explained is None:
+                raise
+            raise explained from error
 
 
 def _stopped_at_end_of_stream(feed_hook: Any) -> bool:
@@ -176,10 +203,8 @@ def run(
             *_logging_hooks(built, options, steps_per_run),
             *built.training_hooks,
         ]
-        creator = tf.compat.v1.train.ChiefSessionCreator(
-            scaffold=scaffold,
-            checkpoint_dir=options.model_dir,
-            config=options.build.session_config,
+        creator = _RestoringSessionCreator(
+            options.model_dir, scaffold=scaffold, config=options.build.session_config
         )
         logging.info("Emulated TPU training in %s starts.", options.model_dir)
         with tf.compat.v1.train.MonitoredSession(session_creator=creator, hooks=all_hooks) as sess:

@@ -12,6 +12,7 @@ from tensorflow_estimator.python.estimator.tpu import error_handling, tpu_config
 from monolith.core.auto_checkpoint_feed_hook import (
     TPUInfeedOutfeedSessionWithEndOfStreamHandlingHook,
 )
+from monolith.core.common.model_dir import check_model_dir
 from monolith.core.common.validation import positive_int
 from monolith.core.testing import graph as _graph
 from monolith.core.testing import runner as _session
@@ -32,6 +33,11 @@ __all__ = [
     "iterations_per_loop_hook",
     "train",
 ]
+
+
+def _lacks_model_dir(ctx: Any) -> bool:
+    """Whether `ctx` is a `FakeTPUContext` whose config names no model_dir."""
+    return isinstance(ctx, FakeTPUContext) and getattr(ctx.config, "model_dir", None) is None
 
 
 def _build_options(
@@ -58,10 +64,15 @@ def _build_options(
         positive_int("train_batch_size", train_batch_size)
     topology.check_global_batch_size(train_batch_size)
     _user_params.check_params(params, train_batch_size)
+    model_dir = getattr(config, "model_dir", None)
     if ctx is None:
         ctx = FakeTPUContext(
-            num_hosts=topology.num_hosts, replicas_per_host=topology.replicas_per_host
+            num_hosts=topology.num_hosts,
+            replicas_per_host=topology.replicas_per_host,
+            model_dir=model_dir,
         )
+    elif _lacks_model_dir(ctx) and model_dir is not None:
+        ctx = ctx.with_model_dir(model_dir)  # The run's, as TPUEstimator's context holds it.
     return BuildOptions(
         params=types.MappingProxyType(params),
         hook_class=hook_class,
@@ -197,7 +208,11 @@ def build_emulated_training(
         number of replicas, except under BROADCAST. None: no `batch_size` is
         added (a `batch_size` in `params` is passed through unchanged).
       config: What `input_fn`/`model_fn` receive as `config` (deep-copied);
-        None passes None (`train` passes the RunConfig of the run).
+        None passes None (`train` passes the RunConfig of the run). Its
+        `model_dir` becomes the feed hook's (`FakeTPUContext.config.model_dir`,
+        also for a given `ctx` without one): the hook refuses a restart whose
+        input differs from that model_dir's checkpoint and holds its lock
+        from `begin()` to `end()`.
       num_hosts: Hosts of the emulated pod (default 1).
       replicas_per_host: Replicas per host (default 1).
       per_host_input_for_training: How the input reaches the replicas, a
@@ -313,6 +328,21 @@ def train(
     * Errors: one `ErrorRendezvous(num_sources=3)` collects the infeed,
       outfeed and training-loop errors, and the most informative (root cause,
       not a session cancellation) is raised.
+    * The feed hook reads `model_dir` from its context's config (a
+      `FakeTPUContext` without one, given as `ctx`, is copied with this
+      `model_dir`): it holds the model_dir lock from its `begin()` to its
+      `end()` and refuses a restart whose input differs from the
+      checkpoint's (see `monolith.core.feed.model_dir_guard`).
+
+    A broken model_dir fails in a few lines, TF's error kept as the cause:
+    * before anything is built, a `model_dir` that is a file, cannot be
+      created or is not writable raises
+      `monolith.core.common.model_dir.ModelDirError` naming it;
+    * a checkpoint that cannot be restored raises
+      `monolith.core.common.restore_errors.UnreadableCheckpointError` (a
+      missing, truncated or corrupt file, named, and how to resume from the
+      previous checkpoint) or `IncompatibleCheckpointError` (another model's:
+      the variables it lacks).
 
     Differences from TPUEstimator.train that remain:
     * TPU-only ops cannot run on CPU, except `CrossReplicaSum` (e.g. from
@@ -368,6 +398,7 @@ def train(
         positive_int("log_step_count_steps", log_step_count_steps)
     positive_int("outfeed_every_n_steps", outfeed_every_n_steps)
     topology = make_topology(num_hosts, replicas_per_host, per_host_input_for_training)
+    model_dir = check_model_dir(model_dir)  # Last: it creates the directory.
     rendezvous = error_handling.ErrorRendezvous(num_sources=3)
     config = _user_params.default_run_config(
         model_dir,
