@@ -359,6 +359,10 @@ def test_restarts_on_another_input_are_refused_and_the_original_flags_finish_onc
             "640 trained examples would be trained twice",
         ),
         "--seed 5": ("stream id: 'seed=0' -> 'seed=5'", "stream 'seed=5' without training"),
+        "--stop_rule all": (
+            "stop rule: ANY_REPLICA_PADDING -> ALL_REPLICAS_PADDING",
+            "counts the steps the stop rule trained",
+        ),
     }
     for changed, (difference, consequence) in expected.items():
         argv = ["--batch_size", "256", *flags, *changed.split()]  # the last --batch_size wins
@@ -375,6 +379,11 @@ def test_restarts_on_another_input_are_refused_and_the_original_flags_finish_onc
     assert counters["global_step"] == 10
     assert counters[ctr_model.EXAMPLES_TRAINED] == 2560  # 5 steps before, 5 now: each once
     assert "resumed at step:   5" in capsys.readouterr().out
+
+
+def test_the_stream_id_names_the_seed_and_the_host_shards():
+    assert ctr_model.stream_id({"seed": 3}) == "seed=3"
+    assert ctr_model.stream_id({"seed": 3, "host_shard_sizes": (40, 25)}) == "seed=3 shards=40,25"
 
 
 def _run_refused(argv, capsys) -> str:
