@@ -149,3 +149,18 @@ def test_python_m_simulated_tpu_executes_each_file_once(subprocess_pass, tmp_pat
     assert run.returncode == 0, run.stderr[-2000:]
     assert "usage: python -m monolith.core.simulated_tpu" in run.stdout
     assert run.stdout.strip().splitlines()[-1] == "loaded twice: []"
+
+
+def test_imports_go_one_way():
+    """README's layout: the input side needs only feed.signal and common; the library never
+    imports the emulator or the simulated TPU."""
+    graph = _import_graph()
+    tools = ("monolith.core.testing", "monolith.core.simulated_tpu")
+    for module, deps in graph.items():
+        if module.startswith("monolith.core") and not module.startswith(tools):
+            assert not {d for d in deps if d.startswith(tools)}, module
+        if module.startswith("monolith.core.end_of_stream"):
+            allowed = ("monolith.core.end_of_stream", "monolith.core.common", "monolith.core.feed")
+            assert {d for d in deps if not d.startswith(allowed)} <= {"monolith.core"}, module
+            feed = {d for d in deps if d.startswith("monolith.core.feed")}
+            assert feed <= {"monolith.core.feed", "monolith.core.feed.signal"}, module

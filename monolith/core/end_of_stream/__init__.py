@@ -4,6 +4,8 @@
   appends the endless padding tail;
 * `padding_steps`: `skip_padding_steps`, an optimizer wrapper under which a
   padding step changes nothing;
+* `masked_loss`: `masked_mean_loss`, the loss of a partly real step under
+  `StopRule.ALL_REPLICAS_PADDING`;
 * `trained_batches`: `skip_trained_batches`, resuming the stream after the
   batches the restored checkpoint has trained;
 * `resume_record`: the resume guard behind it (what the skip count rests on,
