@@ -5,7 +5,9 @@ after `tf.compat.v1.disable_v2_behavior()`; the default is TF2 behaviour.
 """
 
 import os
+import pathlib
 import signal
+import tempfile
 
 import pytest
 
@@ -67,3 +69,29 @@ def sigterm_handler_is_put_back():
     yield
     if signal.getsignal(signal.SIGTERM) is not before:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """An existing directory this process cannot write.
+
+    A mode-0500 directory for a normal user; as root (who may write anywhere,
+    as on CI machines), sysfs's root, which the kernel keeps read-only for
+    every user. Skips only where neither exists.
+    """
+    if os.geteuid() != 0:
+        tmp_path.chmod(0o500)
+        try:
+            yield tmp_path
+        finally:
+            tmp_path.chmod(0o700)
+        return
+    sysfs = pathlib.Path("/sys")
+    try:
+        fd, probe = tempfile.mkstemp(dir=sysfs)
+    except OSError:
+        yield sysfs
+        return
+    os.close(fd)
+    os.remove(probe)
+    pytest.skip("no directory here is unwritable for root")

@@ -358,14 +358,9 @@ def test_a_model_dir_that_is_a_file_is_named(tmp_path):
         acquire(str(path))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_a_model_dir_that_is_not_writable_is_named(tmp_path):
-    tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(PermissionError, match=f"model_dir='{tmp_path}' is not writable"):
-            acquire(str(tmp_path))
-    finally:
-        tmp_path.chmod(0o700)
+def test_a_model_dir_that_is_not_writable_is_named(unwritable_dir):
+    with pytest.raises(PermissionError, match=f"model_dir='{unwritable_dir}' is not writable"):
+        acquire(str(unwritable_dir))
 
 
 @pytest.mark.parametrize(

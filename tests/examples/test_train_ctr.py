@@ -429,14 +429,11 @@ def test_a_broken_model_dir_exits_2_saying_what_to_do(tmp_path, capsys, subproce
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_a_model_dir_that_is_not_writable_exits_2_naming_it(tmp_path, capsys, subprocess_pass):
-    tmp_path.chmod(0o500)
-    try:
-        err = _run_refused([*SMALL, "--model_dir", str(tmp_path / "model")], capsys)
-    finally:
-        tmp_path.chmod(0o700)
-    assert err.startswith(f"error: model_dir='{tmp_path / 'model'}' cannot be created")
+def test_a_model_dir_that_is_not_writable_exits_2_naming_it(
+    unwritable_dir, capsys, subprocess_pass
+):
+    err = _run_refused([*SMALL, "--model_dir", str(unwritable_dir / "model")], capsys)
+    assert err.startswith(f"error: model_dir='{unwritable_dir / 'model'}' cannot be created")
     assert len(err.splitlines()) == 1, err
 
 

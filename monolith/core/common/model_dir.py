@@ -13,6 +13,7 @@ no permissions to ask about: only "is a file" is checked there.
 from __future__ import annotations
 
 import os
+import tempfile
 
 __all__ = [
     "ModelDirError",
@@ -92,10 +93,17 @@ def _check_local(model_dir: str) -> None:
             f"model_dir={model_dir!r} cannot be created ({error.strerror}): give a writable "
             "directory."
         ) from error
-    if not os.access(model_dir, os.W_OK | os.X_OK):
+    # Probe by writing: os.access answers True for root even where the
+    # filesystem refuses root's writes (e.g. sysfs, some network mounts).
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".monolith_write_probe-", dir=model_dir)
+    except OSError as error:
         raise ModelDirNotWritableError(
-            f"model_dir={model_dir!r} is not writable: give a writable directory."
-        )
+            f"model_dir={model_dir!r} is not writable ({error.strerror}): give a writable "
+            "directory."
+        ) from error
+    os.close(fd)
+    os.remove(probe)
 
 
 def _check_remote(model_dir: str) -> None:
