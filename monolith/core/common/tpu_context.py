@@ -67,6 +67,20 @@ def emulated_replica(context: Any) -> Iterator[Any]:
         _EMULATED.context = previous
 
 
+def outermost_graph(graph: Optional[tf.Graph] = None) -> tf.Graph:
+    """`graph` (default: the default graph) or, inside function bodies, the graph holding them.
+
+    TPUEstimator calls input_fn in the outer graph and builds the train step in
+    while-loop and function bodies (FuncGraphs in TF2 behaviour): what the input
+    side records for the step (the stop rule, the resume records) is kept in
+    the outermost graph, where both sides find it.
+    """
+    graph = graph if graph is not None else tf.compat.v1.get_default_graph()
+    while getattr(graph, "outer_graph", None) is not None:
+        graph = graph.outer_graph
+    return graph
+
+
 def enclosing_tpu_context() -> Optional[Any]:
     """The TPU replicate context the default graph is built in, or None.
 

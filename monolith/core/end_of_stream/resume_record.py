@@ -56,6 +56,7 @@ from typing import Any, Iterable, Optional, Sequence
 import tensorflow as tf
 from absl import logging
 
+from monolith.core.common.tpu_context import outermost_graph
 from monolith.core.common.validation import positive_int
 from monolith.core.feed.signal import StopRule
 
@@ -152,13 +153,6 @@ class ResumeMismatchError(ValueError):
 # ------------------------------------------------------------------ registration
 
 
-def _outermost_graph(graph: Optional[tf.Graph]) -> tf.Graph:
-    graph = graph if graph is not None else tf.compat.v1.get_default_graph()
-    while getattr(graph, "outer_graph", None) is not None:
-        graph = graph.outer_graph
-    return graph
-
-
 def register_pipeline(record: PipelineRecord, graph: Optional[tf.Graph] = None) -> None:
     """Adds `record` to the graph's resume records (called by `skip_trained_batches`).
 
@@ -174,7 +168,7 @@ def register_pipeline(record: PipelineRecord, graph: Optional[tf.Graph] = None) 
     """
     if not isinstance(record, PipelineRecord):
         raise TypeError(f"record={record!r} must be a PipelineRecord.")
-    graph = _outermost_graph(graph)
+    graph = outermost_graph(graph)
     for existing in registered_pipelines(graph):
         if existing.pipeline != record.pipeline:
             continue
@@ -195,7 +189,7 @@ def registered_pipelines(graph: Optional[tf.Graph] = None) -> tuple:
       graph: The training graph (default: the default graph; its outermost
         graph is read). Reading works on a finalized graph too.
     """
-    graph = _outermost_graph(graph)
+    graph = outermost_graph(graph)
     records = [PipelineRecord.from_json(t) for t in graph.get_collection(RESUME_RECORDS_COLLECTION)]
     return tuple(sorted(records, key=lambda r: r.pipeline))
 

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import tensorflow as tf
 
+from monolith.core.common.tpu_context import outermost_graph
+
 __all__ = [
     "StopRule",
     "_REAL_EXAMPLES_KEY",
@@ -69,19 +71,6 @@ class StopRule(enum.Enum):
     ALL_REPLICAS_PADDING = "all_replicas_padding"
 
 
-def _outermost_graph(graph: Optional[tf.Graph]) -> tf.Graph:
-    """`graph` (default: the default graph) or, inside function bodies, the graph holding them.
-
-    TPUEstimator calls input_fn in the outer graph and builds the train step in
-    while-loop and function bodies (FuncGraphs in TF2 behaviour), so the rule is
-    kept in the outermost graph, where both sides find it.
-    """
-    graph = graph if graph is not None else tf.compat.v1.get_default_graph()
-    while getattr(graph, "outer_graph", None) is not None:
-        graph = graph.outer_graph
-    return graph
-
-
 def record_stop_rule(rule: StopRule, graph: Optional[tf.Graph] = None) -> None:
     """Records the stop rule an input pipeline was built with (called by the input side).
 
@@ -93,7 +82,7 @@ def record_stop_rule(rule: StopRule, graph: Optional[tf.Graph] = None) -> None:
             f"stop_rule={rule!r} (type {type(rule).__name__}) must be a StopRule "
             f"({', '.join('StopRule.' + r.name for r in StopRule)})."
         )
-    _outermost_graph(graph).add_to_collection(_STOP_RULE_COLLECTION, rule.value)
+    outermost_graph(graph).add_to_collection(_STOP_RULE_COLLECTION, rule.value)
 
 
 def stop_rule_of_graph(graph: Optional[tf.Graph] = None) -> StopRule:
@@ -110,7 +99,7 @@ def stop_rule_of_graph(graph: Optional[tf.Graph] = None) -> StopRule:
     Raises:
       ValueError: Pipelines of the graph were built with different rules.
     """
-    values = set(_outermost_graph(graph).get_collection(_STOP_RULE_COLLECTION))
+    values = set(outermost_graph(graph).get_collection(_STOP_RULE_COLLECTION))
     if len(values) > 1:
         raise ValueError(
             "the input pipelines of this graph were built with different stop rules "
@@ -122,7 +111,7 @@ def stop_rule_of_graph(graph: Optional[tf.Graph] = None) -> StopRule:
 def stop_rule_readers(graph: Optional[tf.Graph] = None) -> dict:
     """`{reader: StopRule}`: what each reader of the graph followed (`follow_stop_rule`)."""
     readers = {}
-    for entry in _outermost_graph(graph).get_collection(_STOP_RULE_READERS_COLLECTION):
+    for entry in outermost_graph(graph).get_collection(_STOP_RULE_READERS_COLLECTION):
         reader, value = entry.rsplit("\t", 1)
         readers[reader] = StopRule(value)
     return readers
@@ -152,7 +141,7 @@ def follow_stop_rule(reader: str, graph: Optional[tf.Graph] = None) -> StopRule:
     rule = stop_rule_of_graph(graph)
     if tf.executing_eagerly() and graph is None:
         return rule
-    outer = _outermost_graph(graph)
+    outer = outermost_graph(graph)
     disagree = {name: other for name, other in stop_rule_readers(outer).items() if other != rule}
     if disagree:
         followed = ", ".join(f"{name} followed {other.name}" for name, other in disagree.items())
