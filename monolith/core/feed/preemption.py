@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional, Union
 
 from absl import logging
 
+from monolith.core.common.env_switch import env_switch
+
 __all__ = [
     "RESTART_EXIT_CODE",
     "STOP_ON_SIGTERM_ENV",
@@ -56,8 +58,6 @@ __all__ = [
 RESTART_EXIT_CODE = 42
 STOP_ON_SIGTERM_ENV = "MONOLITH_STOP_ON_SIGTERM"
 
-_OFF_VALUES = ("0", "false", "no", "off")
-_ON_VALUES = ("", "1", "true", "yes", "on")
 
 _Handler = Union[Callable[[int, Any], Any], int, None]
 
@@ -126,16 +126,7 @@ def stop_on_sigterm_enabled() -> bool:
     Raises:
       ValueError: The variable holds something other than 0/1/true/false/yes/no/on/off.
     """
-    raw = os.environ.get(STOP_ON_SIGTERM_ENV, "")
-    value = raw.strip().lower()
-    if value in _OFF_VALUES:
-        return False
-    if value in _ON_VALUES:
-        return True
-    raise ValueError(
-        f"{STOP_ON_SIGTERM_ENV}={raw!r} is not one of {_OFF_VALUES + _ON_VALUES[1:]} "
-        "(unset means on)."
-    )
+    return env_switch(STOP_ON_SIGTERM_ENV)
 
 
 def _deliver(handler: _Handler, signum: int, frame: Any) -> None:
