@@ -1,4 +1,4 @@
-"""The one argument validator of `monolith.core`.
+"""The argument validators of `monolith.core`: counts and durations.
 
 Every public entry point that takes a count (hosts, cores, batch sizes, steps, cadences) checks
 it here, so that the same mistake raises the same exception everywhere: `TypeError` for a value
@@ -8,6 +8,7 @@ that is not an integer (bools included, since `True` silently meaning 1 hides bu
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -32,3 +33,20 @@ def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name}={value!r} must be >= {minimum}.")
     return int(value)
+
+
+def positive_seconds(name: str, value: Any) -> float:
+    """Returns `value` as a `float` if it is a finite positive number of seconds.
+
+    Raises:
+      TypeError: `value` is not a real number, or is a bool.
+      ValueError: `value` is not finite or not > 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name}={value!r} must be a number of seconds (int or float), "
+            f"not {type(value).__name__}."
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite positive number.")
+    return float(value)

@@ -74,6 +74,7 @@ from absl import logging
 
 from monolith.core.common.env_switch import env_switch
 from monolith.core.common.model_dir import check_model_dir, is_remote
+from monolith.core.common.validation import positive_seconds
 
 __all__ = [
     "CLOCK_SKEW_SECS",
@@ -521,8 +522,8 @@ def acquire(
     if not isinstance(model_dir, (str, os.PathLike)):
         raise TypeError(f"model_dir={model_dir!r} must be a path.")
     model_dir = os.fspath(model_dir)
-    heartbeat_secs = _positive_seconds("heartbeat_secs", heartbeat_secs)
-    stale_after_secs = _positive_seconds("stale_after_secs", stale_after_secs)
+    heartbeat_secs = positive_seconds("heartbeat_secs", heartbeat_secs)
+    stale_after_secs = positive_seconds("stale_after_secs", stale_after_secs)
     if stale_after_secs <= 2 * heartbeat_secs:
         raise ValueError(
             f"stale_after_secs={stale_after_secs!r} must exceed 2 * heartbeat_secs="
@@ -584,14 +585,6 @@ def _create(store: Any, model_dir: str, path: str, ours: LockHolder) -> bool:
             error.errno,
             f"model_dir={model_dir!r} is not writable: cannot create {path} ({error.strerror}).",
         ) from error
-
-
-def _positive_seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}={value!r} must be a number of seconds.")
-    if not value > 0:
-        raise ValueError(f"{name}={value!r} must be > 0.")
-    return float(value)
 
 
 def _settled(store: Any, path: str, ours: LockHolder) -> bool:

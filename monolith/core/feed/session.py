@@ -38,8 +38,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging as std_logging
-import math
-import numbers
 import sys
 import threading
 import time
@@ -49,6 +47,7 @@ import tensorflow as tf
 from absl import logging
 from tensorflow_estimator.python.estimator.tpu import error_handling
 
+from monolith.core.common.validation import positive_seconds
 from monolith.core.feed.controllers import (
     FeedController,
     PeriodicLogger,
@@ -92,14 +91,7 @@ def current_feed_session() -> FeedSession:
 
 def check_join_timeout(value: Any) -> float:
     """Validates `join_timeout_secs`: a finite positive number of seconds (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"join_timeout_secs={value!r} must be a number of seconds (int or float), "
-            f"not {type(value).__name__}."
-        )
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"join_timeout_secs={value!r} must be a finite positive number.")
-    return float(value)
+    return positive_seconds("join_timeout_secs", value)
 
 
 def _debug_enabled() -> bool:
